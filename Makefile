@@ -1,0 +1,39 @@
+# kdpipe: `make run` runs the pipeline, `make test` runs the test suite. Both create .venv when missing and
+# (re)install only when pyproject.toml changed (its hash is kept in .venv/.pyproject.sha256).
+SHELL := /bin/bash
+VENV := .venv
+PYTHON ?= python3
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export DVC_NO_ANALYTICS := 1
+export MLFLOW_DISABLE_TELEMETRY := true
+export DO_NOT_TRACK := true
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+
+.PHONY: venv run test test-fast ui lint clean-tracking
+
+venv:
+	@want=$$(sha256sum pyproject.toml | cut -d' ' -f1); \
+	have=$$(cat $(VENV)/.pyproject.sha256 2>/dev/null); \
+	if [ "$$want" != "$$have" ]; then \
+	  echo "installing kdpipe into $(VENV) (pyproject.toml changed or new venv)"; \
+	  [ -x $(VENV)/bin/python ] || $(PYTHON) -m venv $(VENV) || exit 1; \
+	  $(VENV)/bin/pip install -q --upgrade pip && \
+	  $(VENV)/bin/pip install -q -e '.[dev]' && \
+	  echo "$$want" > $(VENV)/.pyproject.sha256; \
+	fi
+
+run: venv
+	kdpipe check-params
+	dvc repro
+
+test: venv
+	python -m pytest -q
+
+test-fast: venv
+	python -m pytest -q -m "not slow"
+
+ui: venv
+	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
+
+lint: venv
+	ruff check kdpipe tests flows bench

@@ -1,0 +1,1 @@
+"""kdpipe: a reproducible knowledge-distillation pipeline."""

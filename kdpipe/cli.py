@@ -1,0 +1,70 @@
+"""`kdpipe` command line: check-params, list."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from kdpipe.config import DEFAULT_PARAMS
+
+EXIT_USER_ERROR = 2
+
+
+def check_params(path: str) -> int:
+    from kdpipe.config import ConfigError, load
+
+    try:
+        cfg = load(path)
+    except ConfigError as e:
+        print(f"kdpipe check-params: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    print(f"{path}: ok (dataset {cfg.data.dataset}, teacher {cfg.teacher.model}, student {cfg.student.model})")
+    return 0
+
+
+def list_models(in_channels: int = 3, num_classes: int = 10) -> int:
+    from kdpipe.models import MODEL_NAMES, build_model, count_parameters
+
+    print(f"{'model':<16}{'parameters':>12}   (for {in_channels} channels, {num_classes} classes)")
+    for name in MODEL_NAMES:
+        n = count_parameters(build_model(name, in_channels, num_classes))
+        print(f"{name:<16}{n:>12,}")
+    print("tv:<name>       any torchvision classification model, e.g. tv:resnet18")
+    return 0
+
+
+def list_losses() -> int:
+    from kdpipe.losses import LOSSES, PRESETS
+
+    print("loss terms (weights in distill.weights):")
+    for name, text in LOSSES.items():
+        print(f"  {name:<6} {text}")
+    print("presets (distill.method):")
+    for name, weights in PRESETS.items():
+        print(f"  {name:<8} " + " + ".join(f"{w:g}·{k}" for k, w in weights.items()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kdpipe", description="Knowledge-distillation pipeline tools.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    check = sub.add_parser("check-params", help="validate a params file (exit 2 and one line if bad)")
+    check.add_argument("file", nargs="?", default=DEFAULT_PARAMS)
+    lst = sub.add_parser("list", help="list models or losses")
+    lst.add_argument("what", choices=["models", "losses"])
+    lst.add_argument("--in-channels", type=int, default=3)
+    lst.add_argument("--num-classes", type=int, default=10)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "check-params":
+        return check_params(args.file)
+    if args.what == "models":
+        return list_models(args.in_channels, args.num_classes)
+    return list_losses()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

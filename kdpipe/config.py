@@ -1,0 +1,197 @@
+"""params.yaml → typed, validated, frozen objects. The only reader of params.yaml.
+
+Every section is a pydantic model with ``extra="forbid"`` so a typo fails instead of being ignored, and every
+error is reported as one line naming the key path (``teacher.lr: must be > 0, got -1``) before any work runs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+DEFAULT_PARAMS = "params.yaml"
+
+
+class ConfigError(Exception):
+    """Bad params: the message is one line that names the key path."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Section):
+    dataset: Literal["digits", "fashion_mnist", "cifar10", "cifar100", "imagefolder"] = "digits"
+    folder: str | None = None  # imagefolder only: a folder of class/image files, e.g. data/raw/pets
+    image_size: int | None = Field(default=None, ge=4, le=1024)  # imagefolder only: square resize
+    val_fraction: float = Field(default=0.15, gt=0, lt=1)
+    test_fraction: float = Field(default=0.2, ge=0, lt=1)  # used only where no official test split exists
+    download: bool = False  # allow torchvision downloads when the files are not on disk
+
+    @model_validator(mode="after")
+    def _imagefolder_needs_folder_and_size(self) -> DataConfig:
+        if self.dataset == "imagefolder":
+            if not self.folder:
+                raise ValueError("folder: required when dataset is imagefolder")
+            if self.image_size is None:
+                raise ValueError("image_size: required when dataset is imagefolder")
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError(
+                f"val_fraction: val_fraction + test_fraction must be < 1, got {self.val_fraction + self.test_fraction}"
+            )
+        return self
+
+
+class TrainConfig(_Section):
+    """One training recipe: optimizer, schedule, regularisation, augmentation, early stopping."""
+
+    model: str
+    epochs: int = Field(default=30, ge=1, le=10_000)
+    batch_size: int = Field(default=64, ge=1, le=65_536)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(default=0.05, gt=0, le=10)
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    nesterov: bool = True
+    weight_decay: float = Field(default=5e-4, ge=0, lt=1)
+    schedule: Literal["cosine", "step", "constant"] = "cosine"
+    step_milestones: tuple[float, ...] = (0.5, 0.75)  # fractions of the run where a step schedule decays
+    step_gamma: float = Field(default=0.1, gt=0, le=1)
+    warmup_epochs: int = Field(default=1, ge=0)
+    label_smoothing: float = Field(default=0.0, ge=0, lt=1)
+    patience: int = Field(default=10, ge=0)  # epochs without val improvement before stopping; 0 = never stop early
+    crop_padding: int = Field(default=0, ge=0, le=64)
+    flip: bool = False
+
+    @model_validator(mode="after")
+    def _check_recipe(self) -> TrainConfig:
+        from kdpipe.models import is_known_model
+
+        if not is_known_model(self.model):
+            raise ValueError(f"model: unknown model {self.model!r} (see `kdpipe list models`)")
+        if self.warmup_epochs >= self.epochs and self.warmup_epochs > 0:
+            raise ValueError(f"warmup_epochs: must be < epochs ({self.epochs}), got {self.warmup_epochs}")
+        if self.nesterov and self.optimizer == "sgd" and self.momentum == 0:
+            raise ValueError("nesterov: needs momentum > 0")
+        if any(not 0 < m < 1 for m in self.step_milestones):
+            raise ValueError(f"step_milestones: each must be in (0, 1), got {list(self.step_milestones)}")
+        return self
+
+
+class TeacherConfig(TrainConfig):
+    model: str = "resnet20"
+    source: Literal["train", "checkpoint"] = "train"
+    checkpoint: str | None = None  # with source: checkpoint, a .pt file (a kdpipe checkpoint or a state dict)
+
+    @model_validator(mode="after")
+    def _checkpoint_needs_path(self) -> TeacherConfig:
+        if self.source == "checkpoint" and not self.checkpoint:
+            raise ValueError("checkpoint: required when source is checkpoint")
+        return self
+
+
+class StudentConfig(TrainConfig):
+    model: str = "small_cnn"
+
+
+class TrackingConfig(_Section):
+    experiment: str = Field(default="kdpipe", min_length=1)
+    uri: str | None = None  # None: sqlite mlflow.db in the repo root; MLFLOW_TRACKING_URI overrides both
+    system_metrics: bool = True
+
+
+class PathsConfig(_Section):
+    raw: str = "data/raw"
+    downloads: str = "data/downloads"
+    prepared: str = "data/prepared"
+    models: str = "models"
+    metrics: str = "metrics"
+    plots: str = "plots"
+
+
+class Config(_Section):
+    seed: int = Field(default=0, ge=0, lt=2**32)
+    data: DataConfig = DataConfig()
+    teacher: TeacherConfig = TeacherConfig()
+    student: StudentConfig = StudentConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    paths: PathsConfig = PathsConfig()
+
+    def flat(self) -> dict[str, Any]:
+        """Params flattened to dotted keys (``teacher.lr``), as MLflow logs them."""
+        return _flatten(self.model_dump(mode="json"))
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def load(path: str | Path = DEFAULT_PARAMS) -> Config:
+    """Read and validate a params file; raise ConfigError with a one-line, key-path message."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: must be a mapping of sections, got {type(raw).__name__}")
+    return from_dict(raw)
+
+
+def from_dict(raw: dict) -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_first_error(e)) from None
+
+
+def _first_error(e: ValidationError) -> str:
+    """One line for the first error: the dotted key path, then what was wrong and what was given."""
+    err = e.errors(include_url=False)[0]
+    loc = [str(p) for p in err["loc"]]
+    msg = err["msg"]
+    if err["type"] == "value_error":
+        # Our cross-field validators prefix their message with the offending key.
+        msg = msg.removeprefix("Value error, ")
+        key, _, rest = msg.partition(": ")
+        return f"{'.'.join([*loc, key])}: {rest}"
+    return f"{'.'.join(loc) or '<root>'}: {_describe(err)}"
+
+
+def _num(value: Any) -> str:
+    """0.0 → 0, 5e-4 → 0.0005: numbers as a person would write them in params.yaml."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return repr(value)
+
+
+def _describe(err: dict) -> str:
+    ctx, given = err.get("ctx", {}), err.get("input")
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind == "missing":
+        return "required"
+    bounds = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
+    if kind in bounds:
+        limit = next(iter(ctx.values()))
+        return f"must be {bounds[kind]} {_num(limit)}, got {_num(given)}"
+    if kind == "literal_error":
+        return f"must be one of {ctx.get('expected')}, got {given!r}"
+    return f"{err['msg'][0].lower()}{err['msg'][1:]}, got {json.dumps(given, default=str)}"

@@ -1,0 +1,66 @@
+"""Seed, device, threads and precision: set once, at the top of a stage's main()."""
+
+from __future__ import annotations
+
+import os
+import random
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    amp_dtype: torch.dtype | None  # bf16 autocast on CUDA; None (fp32) on CPU
+
+    @property
+    def precision(self) -> str:
+        return "bf16-mixed" if self.amp_dtype is not None else "fp32"
+
+    def autocast(self):
+        """Mixed precision where it pays (CUDA); a no-op context on CPU."""
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def generator(self, seed: int) -> torch.Generator:
+        """A generator on the training device, so augmentation and shuffling stay on it."""
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def setup(seed: int, device: str | None = None) -> Runtime:
+    """Pick the device (CUDA when present unless KDPIPE_DEVICE says otherwise), seed everything,
+    and make CPU runs repeatable bit for bit."""
+    name = device or os.environ.get("KDPIPE_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    seed_everything(seed)
+    if dev.type == "cpu":
+        # Deterministic kernels cost little on CPU and make a rerun give the same numbers.
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        return Runtime(dev, None)
+    torch.backends.cudnn.benchmark = True
+    bf16 = dev.type == "cuda" and torch.cuda.is_bf16_supported()
+    return Runtime(dev, torch.bfloat16 if bf16 else None)
+
+
+def device_facts(rt: Runtime) -> dict[str, str]:
+    """What ran this: logged as MLflow tags so runs on different hardware can be told apart."""
+    facts = {
+        "torch_version": torch.__version__,
+        "cuda_version": str(torch.version.cuda),
+        "device": str(rt.device),
+        "precision": rt.precision,
+        "cpu_threads": str(torch.get_num_threads()),
+        "gpu_count": str(torch.cuda.device_count() if torch.cuda.is_available() else 0),
+        "gpu_name": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
+    }
+    return facts

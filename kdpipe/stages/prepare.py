@@ -1,0 +1,74 @@
+"""prepare: raw dataset → seeded stratified train/val(/test) split as uint8 tensors, stats and a digest.
+
+Outputs (paths.prepared): dataset.pt (tensors, classes, mean/std from train only, digest) and meta.json
+(the same minus tensors, plus the params that made it).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from kdpipe.artifacts import DATASET_FILE, META_FILE, save_torch, write_json
+from kdpipe.config import Config
+
+STAGE = "prepare"
+
+
+def dataset_root(cfg: Config) -> Path:
+    """Where load_raw looks: the user's image folder, or the raw-data folder of a named dataset."""
+    if cfg.data.dataset == "imagefolder":
+        return Path(cfg.data.folder)
+    return Path(cfg.paths.raw)
+
+
+def prepare(cfg: Config) -> dict:
+    """Worker: load, split and summarise the configured dataset (no files written)."""
+    from kdpipe.data import load_raw, prepare_dataset
+
+    raw = load_raw(cfg.data.dataset, dataset_root(cfg), image_size=cfg.data.image_size,
+                   download=cfg.data.download)
+    return prepare_dataset(raw, cfg.data.val_fraction, cfg.data.test_fraction, cfg.seed)
+
+
+def summary(prepared: dict, cfg: Config) -> dict:
+    """meta.json: what a person (or the next stage) needs to know without loading tensors."""
+    return {
+        "dataset": cfg.data.dataset,
+        "digest": prepared["digest"],
+        "classes": prepared["classes"],
+        "image_shape": prepared["image_shape"],
+        "sizes": {s: len(prepared[f"{s}_y"]) for s in ("train", "val", "test")},
+        "class_counts": prepared["class_counts"],
+        "mean": prepared["mean"],
+        "std": prepared["std"],
+        "params": {"seed": cfg.seed, "data": cfg.data.model_dump(mode="json")},
+    }
+
+
+def run(cfg: Config) -> dict:
+    from kdpipe import tracking
+
+    t0 = time.perf_counter()
+    prepared = prepare(cfg)
+    meta = summary(prepared, cfg)
+    out = Path(cfg.paths.prepared)
+    with tracking.stage_run(STAGE, cfg, tags={"dataset": cfg.data.dataset, "dataset_digest": meta["digest"]}) as run:
+        save_torch(out / DATASET_FILE, {**prepared, "params": meta["params"]})
+        write_json(out / META_FILE, meta)
+        run.log_metrics({f"{s}_size": n for s, n in meta["sizes"].items()})
+        run.log_metrics({"num_classes": len(meta["classes"]), "seconds": time.perf_counter() - t0})
+        run.log_artifact(out / META_FILE)
+    print(f"prepare: {cfg.data.dataset} {meta['sizes']} digest {meta['digest'][:12]}", file=sys.stderr)
+    return meta
+
+
+def main(argv: list[str] | None = None) -> int:
+    from kdpipe.stagekit import run_stage
+
+    return run_stage(STAGE, run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

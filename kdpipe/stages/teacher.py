@@ -1,0 +1,107 @@
+"""teacher: train the teacher on the prepared train split (early stopping on val), or bring one.
+
+`teacher.source: train` trains `teacher.model` with the teacher recipe; `teacher.source: checkpoint` loads
+`teacher.checkpoint` (a kdpipe checkpoint, or a bare state dict of `teacher.model`) and only evaluates it.
+Outputs: models/teacher.pt (weights + params, weights_only-loadable), metrics/teacher.json, plots/teacher.csv.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from kdpipe.config import Config
+
+STAGE = "teacher"
+
+
+def train_teacher(cfg: Config, prepared: dict, rt, splits, on_epoch=None):
+    """Worker: build and fit the teacher; returns (model, FitResult)."""
+    from kdpipe.engine import fit
+    from kdpipe.models import build_model
+
+    c, h, w = prepared["image_shape"]
+    model = build_model(cfg.teacher.model, c, len(prepared["classes"]), mean=prepared["mean"], std=prepared["std"])
+    model.to(rt.device)
+    train, val, _ = splits
+    result = fit(model, train, val, cfg.teacher, rt, seed=cfg.seed, on_epoch=on_epoch, desc=STAGE)
+    return model, result
+
+
+def bring_teacher(cfg: Config, prepared: dict):
+    """Load a user's teacher and check it fits this dataset (classes, channels) before any work."""
+    from kdpipe.artifacts import CheckpointError, build_from_checkpoint
+
+    c = prepared["image_shape"][0]
+    path = cfg.teacher.checkpoint
+    model, ckpt = build_from_checkpoint(
+        path, fallback_model=cfg.teacher.model, in_channels=c, num_classes=len(prepared["classes"]),
+        mean=prepared["mean"], std=prepared["std"],
+    )
+    if model.num_classes != len(prepared["classes"]):
+        raise CheckpointError(f"teacher.checkpoint: {path} has {model.num_classes} classes, "
+                              f"the dataset has {len(prepared['classes'])}")
+    if model.in_channels != c:
+        raise CheckpointError(f"teacher.checkpoint: {path} takes {model.in_channels} channels, the dataset has {c}")
+    if "classes" in ckpt and list(ckpt["classes"]) != list(prepared["classes"]):
+        raise CheckpointError(f"teacher.checkpoint: {path} was trained on classes {ckpt['classes'][:3]}..., "
+                              f"not this dataset's {prepared['classes'][:3]}...")
+    return model
+
+
+def run(cfg: Config) -> dict:
+    from kdpipe import runtime, tracking
+    from kdpipe.artifacts import load_prepared, save_checkpoint, write_csv, write_json
+    from kdpipe.engine import FitResult, evaluate
+    from kdpipe.models import count_parameters
+    from kdpipe.stagekit import place_splits
+
+    rt = runtime.setup(cfg.seed)
+    prepared = load_prepared(cfg.paths.prepared)
+    splits = place_splits(prepared, rt, stream=cfg.data.dataset == "imagefolder")
+    brought = bring_teacher(cfg, prepared).to(rt.device) if cfg.teacher.source == "checkpoint" else None
+    params = {"seed": cfg.seed, "data": cfg.data.model_dump(mode="json"), "teacher": cfg.teacher.model_dump(mode="json")}
+    tags = {"dataset": cfg.data.dataset, "dataset_digest": prepared["digest"], "teacher_source": cfg.teacher.source,
+            "model": cfg.teacher.model, **runtime.device_facts(rt)}
+    with tracking.stage_run(STAGE, cfg, tags=tags) as run:
+        t0 = time.perf_counter()
+        if brought is None:
+            model, result = train_teacher(cfg, prepared, rt, splits, on_epoch=run.log_epoch)
+        else:
+            model, result = brought, FitResult()
+        train_seconds = time.perf_counter() - t0
+        val_m, test_m = evaluate(model, splits[1], rt), evaluate(model, splits[2], rt)
+        metrics = {
+            "val_accuracy": val_m["accuracy"], "test_accuracy": test_m["accuracy"],
+            "val_loss": val_m["loss"], "test_loss": test_m["loss"],
+            "epochs_run": result.epochs_run, "best_epoch": result.best_epoch,
+            "stopped_early": result.stopped_early, "train_seconds": round(train_seconds, 2),
+            "num_parameters": count_parameters(model), "model": model.name, "source": cfg.teacher.source,
+            "dataset_digest": prepared["digest"], "params": params,
+        }
+        models_dir, metrics_dir, plots_dir = Path(cfg.paths.models), Path(cfg.paths.metrics), Path(cfg.paths.plots)
+        save_checkpoint(models_dir / "teacher.pt", model, classes=prepared["classes"], params=params,
+                        extra={"dataset_digest": prepared["digest"], "metrics": {k: metrics[k] for k in
+                               ("val_accuracy", "test_accuracy")}})
+        write_json(metrics_dir / "teacher.json", metrics)
+        curves = write_csv(plots_dir / "teacher.csv", result.history or [{"epoch": 0}])
+        # Per-epoch curves own the plain names (val_accuracy, ...); the restored best model's are `final_*`.
+        run.log_metrics({f"final_{k}": metrics[k] for k in ("val_accuracy", "val_loss")})
+        run.log_metrics({k: metrics[k] for k in ("test_accuracy", "test_loss", "epochs_run", "best_epoch",
+                                                  "train_seconds", "num_parameters")})
+        run.log_artifact(curves)
+        run.log_artifact(metrics_dir / "teacher.json")
+    print(f"teacher: {model.name} val_acc {metrics['val_accuracy']:.4f} test_acc {metrics['test_accuracy']:.4f} "
+          f"({result.epochs_run} epochs, {train_seconds:.0f}s)", file=sys.stderr)
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    from kdpipe.stagekit import run_stage
+
+    return run_stage(STAGE, run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""MLflow: the only module that imports it. One run per stage execution, named after the stage.
+
+Default store: ``sqlite:///<repo>/mlflow.db`` with artifacts in ``<repo>/mlartifacts`` (both git-ignored and
+never DVC outputs, since DVC deletes a stage's outputs before rerunning it). ``tracking.uri`` in params
+points elsewhere, and ``MLFLOW_TRACKING_URI`` overrides both. When a pipeline run launches the stage, the
+parent run id arrives in ``KDPIPE_PARENT_RUN_ID`` and the stage run nests under it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from kdpipe.config import Config, TrackingConfig
+
+PARENT_RUN_ENV = "KDPIPE_PARENT_RUN_ID"
+DB_FILE = "mlflow.db"
+ARTIFACT_DIR = "mlartifacts"
+
+
+def tracking_uri(cfg: TrackingConfig, root: Path | None = None) -> str:
+    """Environment first, then params, then a sqlite file at the repo root (absolute: `dvc exp run --temp`
+    runs elsewhere and a relative path would lose the run)."""
+    root = (root or Path.cwd()).resolve()
+    return os.environ.get("MLFLOW_TRACKING_URI") or cfg.uri or f"sqlite:///{root / DB_FILE}"
+
+
+def _quiet_mlflow() -> None:
+    import logging
+
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("DO_NOT_TRACK", "true")
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+
+
+def resource_usage(t0: float) -> dict[str, float]:
+    """Wall time, CPU time and peak memory of this process. MLflow's system-metrics sampler only logs
+    after a full interval, so short stages would otherwise record nothing about their cost."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    out = {
+        "resources/wall_seconds": time.perf_counter() - t0,
+        "resources/cpu_seconds": usage.ru_utime + usage.ru_stime,
+        "resources/peak_rss_mb": usage.ru_maxrss / 1024,  # ru_maxrss is in KiB on Linux
+    }
+    import torch
+
+    if torch.cuda.is_available():
+        out["resources/gpu_peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def git_facts(root: Path | None = None) -> dict[str, str]:
+    """Commit and dirty flag of the code that ran ("unknown" outside a git checkout)."""
+    def git(*args: str) -> str:
+        out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() if out.returncode == 0 else ""
+
+    commit = git("rev-parse", "HEAD") or "unknown"
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    return {"git_commit": commit, "git_dirty": str(bool(dirty)).lower(), "mlflow.source.git.commit": commit}
+
+
+def _experiment_id(mlflow, name: str, root: Path) -> str:
+    """Create the experiment with the artifact folder at the repo root when we own the store."""
+    exp = mlflow.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if mlflow.get_tracking_uri().startswith("sqlite:"):
+        location = (root / ARTIFACT_DIR).resolve().as_uri()
+    return mlflow.create_experiment(name, artifact_location=location)
+
+
+class StageRun:
+    """Thin handle on the active run: what stages log, without importing mlflow themselves."""
+
+    def __init__(self, mlflow, run):
+        self._mlflow = mlflow
+        self.run_id = run.info.run_id
+
+    def log_epoch(self, row: dict, prefix: str = "") -> None:
+        step = int(row["epoch"])
+        metrics = {f"{prefix}{k}": float(v) for k, v in row.items() if k != "epoch"}
+        self._mlflow.log_metrics(metrics, step=step)
+
+    def log_metrics(self, metrics: dict[str, float], prefix: str = "") -> None:
+        self._mlflow.log_metrics({f"{prefix}{k}": float(v) for k, v in metrics.items()})
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self._mlflow.set_tags({k: str(v) for k, v in tags.items()})
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self._mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+
+@contextmanager
+def stage_run(
+    stage: str, cfg: Config, *, tags: dict[str, str] | None = None, root: Path | None = None
+) -> Iterator[StageRun]:
+    """Start the MLflow run of one stage execution: flattened params, git/stage tags, system metrics."""
+    _quiet_mlflow()
+    import mlflow
+
+    root = (root or Path.cwd()).resolve()
+    mlflow.set_tracking_uri(tracking_uri(cfg.tracking, root))
+    experiment_id = _experiment_id(mlflow, cfg.tracking.experiment, root)
+    if cfg.tracking.system_metrics:
+        mlflow.set_system_metrics_sampling_interval(1)
+        mlflow.set_system_metrics_samples_before_logging(1)
+    run_tags = {"stage": stage, **git_facts(root), **(tags or {})}
+    with mlflow.start_run(
+        experiment_id=experiment_id,
+        run_name=stage,
+        parent_run_id=os.environ.get(PARENT_RUN_ENV) or None,
+        tags=run_tags,
+        log_system_metrics=cfg.tracking.system_metrics,
+    ) as run:
+        t0 = time.perf_counter()
+        mlflow.log_params(cfg.flat())
+        yield StageRun(mlflow, run)
+        mlflow.log_metrics(resource_usage(t0))
