@@ -125,3 +125,34 @@ def stage_run(
         mlflow.log_params(cfg.flat())
         yield StageRun(mlflow, run)
         mlflow.log_metrics(resource_usage(t0))
+
+
+def start_parent_run(name: str, cfg: Config, *, tags: dict[str, str] | None = None,
+                     root: Path | None = None) -> str:
+    """Open the run that a pipeline execution's stage runs nest under; returns its id.
+
+    The caller passes the id to the stage processes through ``KDPIPE_PARENT_RUN_ID`` and ends the run with
+    :func:`end_parent_run`. The run is not left active in this process, so nothing logs into it by accident.
+    """
+    _quiet_mlflow()
+    import mlflow
+
+    root = (root or Path.cwd()).resolve()
+    client = mlflow.MlflowClient(tracking_uri(cfg.tracking, root))
+    mlflow.set_tracking_uri(tracking_uri(cfg.tracking, root))
+    experiment_id = _experiment_id(mlflow, cfg.tracking.experiment, root)
+    run = client.create_run(experiment_id, run_name=name, tags={**git_facts(root), **(tags or {})})
+    return run.info.run_id
+
+
+def end_parent_run(run_id: str, cfg: Config, *, ok: bool, tags: dict[str, str] | None = None,
+                   metrics: dict[str, float] | None = None, root: Path | None = None) -> None:
+    _quiet_mlflow()
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri(cfg.tracking, (root or Path.cwd()).resolve()))
+    for key, value in (tags or {}).items():
+        client.set_tag(run_id, key, str(value))
+    for key, value in (metrics or {}).items():
+        client.log_metric(run_id, key, float(value))
+    client.set_terminated(run_id, status="FINISHED" if ok else "FAILED")
