@@ -94,7 +94,62 @@ class TeacherConfig(TrainConfig):
 
 
 class StudentConfig(TrainConfig):
+    """The recipe shared by the scratch baseline and the distilled student, run once per seed."""
+
     model: str = "small_cnn"
+    seeds: tuple[int, ...] = Field(default=(0, 1, 2), min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_seeds(self) -> StudentConfig:
+        if len(set(self.seeds)) != len(self.seeds) or any(s < 0 for s in self.seeds):
+            raise ValueError(f"seeds: must be distinct and >= 0, got {list(self.seeds)}")
+        return self
+
+
+
+class DistillConfig(_Section):
+    """The distillation loss: a named preset of term weights, optionally overridden term by term."""
+
+    method: Literal["kd", "seed", "mse", "fitnet", "at", "dkd", "ce"] = "kd"
+    weights: dict[str, float] = Field(default_factory=dict)  # e.g. {kd: 0.5, ce: 0.5}; merged over the preset
+    temperature: float = Field(default=4.0, gt=0, le=100)
+    focal_gamma: float | None = Field(default=None, ge=0, le=10)  # CE → focal loss (Lin et al. 2017)
+    dkd_alpha: float = Field(default=1.0, ge=0)
+    dkd_beta: float = Field(default=8.0, ge=0)
+    hint_layer: int = -1  # FitNets: which feature stage (same index for student and teacher); -1 = deepest
+    hint_epochs: int = Field(default=0, ge=0)  # FitNets stage 1: epochs of hint-only training first
+
+    def resolved_weights(self) -> dict[str, float]:
+        from kdpipe.losses import PRESETS
+
+        return {**PRESETS[self.method], **self.weights}
+
+    @model_validator(mode="after")
+    def _check_weights(self) -> DistillConfig:
+        from kdpipe.losses import LOSSES, validate_weights
+
+        try:
+            validate_weights(self.resolved_weights(), self.temperature)
+        except ValueError as e:
+            msg = str(e)
+            term = msg.split(":")[0]
+            if term in LOSSES:
+                raise ValueError(f"weights.{msg}") from None
+            raise ValueError(f"weights: {msg}") from None
+        if self.hint_epochs and not self.resolved_weights().get("hint"):
+            raise ValueError("hint_epochs: needs a hint weight > 0 (method fitnet)")
+        return self
+
+
+class CurriculumConfig(_Section):
+    """Present training samples easy → hard by teacher difficulty (Bengio et al. 2009)."""
+
+    enabled: bool = False
+    ordering: Literal["easy_to_hard", "hard_to_easy", "random"] = "easy_to_hard"
+    pacing: Literal["linear", "root", "step", "geometric"] = "linear"
+    start_fraction: float = Field(default=0.3, gt=0, le=1)  # share of the easiest samples at epoch 1
+    full_at: float = Field(default=0.5, gt=0, le=1)  # share of student.epochs after which all samples are used
+    steps: int = Field(default=4, ge=2)  # levels of the step pacing
 
 
 class TrackingConfig(_Section):
@@ -110,6 +165,7 @@ class PathsConfig(_Section):
     models: str = "models"
     metrics: str = "metrics"
     plots: str = "plots"
+    reports: str = "reports"
 
 
 class Config(_Section):
@@ -117,6 +173,8 @@ class Config(_Section):
     data: DataConfig = DataConfig()
     teacher: TeacherConfig = TeacherConfig()
     student: StudentConfig = StudentConfig()
+    distill: DistillConfig = DistillConfig()
+    curriculum: CurriculumConfig = CurriculumConfig()
     tracking: TrackingConfig = TrackingConfig()
     paths: PathsConfig = PathsConfig()
 

@@ -119,11 +119,13 @@ def fit(
     extra_modules: Iterable[nn.Module] = (),
     on_epoch: Callable[[dict], None] | None = None,
     desc: str = "train",
+    restore_best: bool = True,
 ) -> FitResult:
     """Train `model` in place with cfg's recipe; early-stop on val accuracy and restore the best weights.
 
     `epoch_pool(epoch)` returns the train positions an epoch may draw from (the curriculum); default all.
     `extra_modules` are trained alongside (e.g. a FitNets adapter). The test split is never seen here.
+    `restore_best=False` keeps the last weights (a warm-up phase whose val accuracy means nothing).
     """
     loss_fn = loss_fn or cross_entropy_loss(cfg.label_smoothing)
     extra_modules = list(extra_modules)
@@ -154,7 +156,8 @@ def fit(
         if cfg.patience and epoch + 1 - result.best_epoch >= cfg.patience:
             result.stopped_early = True
             break
-    _restore(model, extra_modules, best_state)
+    if restore_best:
+        _restore(model, extra_modules, best_state)
     return result
 
 

@@ -29,12 +29,16 @@ def tracking_uri(cfg: TrackingConfig, root: Path | None = None) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or cfg.uri or f"sqlite:///{root / DB_FILE}"
 
 
-def _quiet_mlflow() -> None:
+def _import_mlflow():
+    """mlflow, imported quietly: telemetry off, and its INFO chatter (which it configures on import) hushed."""
     import logging
 
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("DO_NOT_TRACK", "true")
+    import mlflow
+
     logging.getLogger("mlflow").setLevel(logging.WARNING)
+    return mlflow
 
 
 def resource_usage(t0: float) -> dict[str, float]:
@@ -104,8 +108,7 @@ def stage_run(
     stage: str, cfg: Config, *, tags: dict[str, str] | None = None, root: Path | None = None
 ) -> Iterator[StageRun]:
     """Start the MLflow run of one stage execution: flattened params, git/stage tags, system metrics."""
-    _quiet_mlflow()
-    import mlflow
+    mlflow = _import_mlflow()
 
     root = (root or Path.cwd()).resolve()
     mlflow.set_tracking_uri(tracking_uri(cfg.tracking, root))
@@ -113,7 +116,7 @@ def stage_run(
     if cfg.tracking.system_metrics:
         mlflow.set_system_metrics_sampling_interval(1)
         mlflow.set_system_metrics_samples_before_logging(1)
-    run_tags = {"stage": stage, **git_facts(root), **(tags or {})}
+    run_tags = {k: str(v) for k, v in {"stage": stage, **git_facts(root), **(tags or {})}.items()}
     with mlflow.start_run(
         experiment_id=experiment_id,
         run_name=stage,
@@ -134,8 +137,7 @@ def start_parent_run(name: str, cfg: Config, *, tags: dict[str, str] | None = No
     The caller passes the id to the stage processes through ``KDPIPE_PARENT_RUN_ID`` and ends the run with
     :func:`end_parent_run`. The run is not left active in this process, so nothing logs into it by accident.
     """
-    _quiet_mlflow()
-    import mlflow
+    mlflow = _import_mlflow()
 
     root = (root or Path.cwd()).resolve()
     client = mlflow.MlflowClient(tracking_uri(cfg.tracking, root))
@@ -147,8 +149,7 @@ def start_parent_run(name: str, cfg: Config, *, tags: dict[str, str] | None = No
 
 def end_parent_run(run_id: str, cfg: Config, *, ok: bool, tags: dict[str, str] | None = None,
                    metrics: dict[str, float] | None = None, root: Path | None = None) -> None:
-    _quiet_mlflow()
-    import mlflow
+    mlflow = _import_mlflow()
 
     client = mlflow.MlflowClient(tracking_uri(cfg.tracking, (root or Path.cwd()).resolve()))
     for key, value in (tags or {}).items():

@@ -50,6 +50,18 @@ def bring_teacher(cfg: Config, prepared: dict):
     return model
 
 
+def save_teacher_outputs(path: Path, model, train, rt, digest: str) -> None:
+    """The teacher's logits over the un-augmented train split and its per-sample difficulty (its loss on the
+    true label), computed once: distillation without augmentation and the curriculum read them here."""
+    from kdpipe.artifacts import save_torch
+    from kdpipe.curriculum import difficulty_from_teacher
+    from kdpipe.engine import predict
+
+    logits = predict(model, train.x, rt)  # (N_train, K) fp32
+    save_torch(path, {"train_logits": logits, "difficulty": difficulty_from_teacher(logits, train.y.cpu()),
+                      "dataset_digest": digest})
+
+
 def run(cfg: Config) -> dict:
     from kdpipe import runtime, tracking
     from kdpipe.artifacts import load_prepared, save_checkpoint, write_csv, write_json
@@ -84,6 +96,7 @@ def run(cfg: Config) -> dict:
         save_checkpoint(models_dir / "teacher.pt", model, classes=prepared["classes"], params=params,
                         extra={"dataset_digest": prepared["digest"], "metrics": {k: metrics[k] for k in
                                ("val_accuracy", "test_accuracy")}})
+        save_teacher_outputs(models_dir / "teacher_outputs.pt", model, splits[0], rt, prepared["digest"])
         write_json(metrics_dir / "teacher.json", metrics)
         curves = write_csv(plots_dir / "teacher.csv", result.history or [{"epoch": 0}])
         # Per-epoch curves own the plain names (val_accuracy, ...); the restored best model's are `final_*`.

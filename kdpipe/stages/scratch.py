@@ -1,0 +1,31 @@
+"""scratch: the student trained with plain cross-entropy — the "before" of the comparison.
+
+Exactly the distilled student's recipe (student.* params: epochs, optimizer, schedule, augmentation,
+seeds) with no teacher, so the gap between the two is the effect of distillation alone.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from kdpipe.config import Config
+
+STAGE = "scratch"
+
+
+def run(cfg: Config) -> dict:
+    from kdpipe.students import run_student_stage
+
+    params = {"seed": cfg.seed, "data": cfg.data.model_dump(mode="json"),
+              "student": cfg.student.model_dump(mode="json")}
+    return run_student_stage(STAGE, cfg, params=params, tags={"method": "ce"})
+
+
+def main(argv: list[str] | None = None) -> int:
+    from kdpipe.stagekit import run_stage
+
+    return run_stage(STAGE, run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
