@@ -9,7 +9,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: venv run test test-fast ui lint clean-tracking
+.PHONY: venv run test test-fast ui lint bench-quality bench-curriculum
 
 venv:
 	@want=$$(sha256sum pyproject.toml | cut -d' ' -f1); \
@@ -37,3 +37,9 @@ ui: venv
 
 lint: venv
 	ruff check kdpipe tests flows bench
+
+bench-quality: venv
+	python bench/quality.py
+
+bench-curriculum: venv
+	python bench/quality.py --curriculum

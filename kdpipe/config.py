@@ -31,6 +31,7 @@ class DataConfig(_Section):
     val_fraction: float = Field(default=0.15, gt=0, lt=1)
     test_fraction: float = Field(default=0.2, ge=0, lt=1)  # used only where no official test split exists
     download: bool = False  # allow torchvision downloads when the files are not on disk
+    train_subset: int | None = Field(default=None, ge=10)  # stratified sample of the training pool, before splits
 
     @model_validator(mode="after")
     def _imagefolder_needs_folder_and_size(self) -> DataConfig:

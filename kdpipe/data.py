@@ -389,6 +389,16 @@ def _allocate(counts: np.ndarray, total: int) -> np.ndarray:
     return share
 
 
+def subset(raw: RawDataset, n: int, seed: int) -> RawDataset:
+    """A stratified, seeded sample of n images of the training pool (the official test split is kept
+    whole): a smaller, faster, limited-data version of a dataset."""
+    if not 0 < n < len(raw.train_y):
+        raise DataError(f"data.train_subset: must be between 1 and {len(raw.train_y) - 1} "
+                        f"(the training pool's size), got {n}")
+    keep = stratified_split(raw.train_y, n / len(raw.train_y), 0.0, seed).val_idx
+    return RawDataset(raw.train_x[keep], raw.train_y[keep], raw.test_x, raw.test_y, raw.classes)
+
+
 def prepare_dataset(raw: RawDataset, val_fraction: float, test_fraction: float, seed: int) -> dict:
     """The prepared artifact: split tensors plus classes, train-only mean/std, digest and class counts.
 

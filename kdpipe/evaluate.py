@@ -125,21 +125,28 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 def cpu_latency_ms(model: nn.Module, input_shape: tuple[int, int, int], *, batch_size: int = 1,
-                   warmup: int = 5, repeats: int = 30) -> float:
-    """Median wall-clock milliseconds per image of a CPU forward pass on a batch of zeros.
+                   warmup: int = 5, repeats: int = 30, threads: int = 1) -> float:
+    """Median wall-clock milliseconds per image of a CPU forward pass on a batch of zeros, on `threads` threads.
 
     A deep copy is timed (on CPU, eval mode, inference_mode), so the caller's model keeps its device, mode and
     BN statistics. The median, not the mean, because one scheduler hiccup would drag a mean of 30 runs.
-    Thread count is left as the stage's main() set it: latency depends on it, so the report should say it.
+    One thread by default: a multi-threaded forward on a busy machine waits at every op's barrier for a
+    descheduled thread (measured here: 0.2 ms became 220 ms with another job on the 2 cores), and
+    single-thread latency is what an edge deployment sees.
     """
     if batch_size < 1 or repeats < 1 or warmup < 0:
         raise ValueError(f"need batch_size ≥ 1, repeats ≥ 1, warmup ≥ 0; got {batch_size}, {repeats}, {warmup}")
     cpu_model = copy.deepcopy(model).cpu().eval()
     x = torch.zeros(batch_size, *input_shape)
-    with torch.inference_mode():
-        for _ in range(warmup):
-            cpu_model(x)
-        times = [timed_call(cpu_model, x) for _ in range(repeats)]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            for _ in range(warmup):
+                cpu_model(x)
+            times = [timed_call(cpu_model, x) for _ in range(repeats)]
+    finally:
+        torch.set_num_threads(before)
     return 1000.0 * statistics.median(times) / batch_size
 
 
@@ -262,11 +269,11 @@ def headline_table(rows: dict[str, dict]) -> str:
     """Markdown table of accuracy and cost per model; a value may be a float or a mean_std dict.
 
     Columns: model, architecture, test acc, top-5 (only when some row has it), macro-F1, params, MACs (M),
-    CPU latency ms/img. Anything missing shows as "–".
+    CPU ms/img (1 thread). Anything missing shows as "–".
     """
     with_top5 = any(present(row.get("top5_accuracy")) for row in rows.values())
     header = ["model", "architecture", "test acc", *(["top-5"] if with_top5 else []),
-              "macro-F1", "params", "MACs (M)", "CPU latency ms/img"]
+              "macro-F1", "params", "MACs (M)", "CPU ms/img (1 thread)"]
     align = ["---", "---"] + ["---:"] * (len(header) - 2)  # text columns left, numbers right
     lines = [markdown_row(header), markdown_row(align)]
     for label, row in rows.items():

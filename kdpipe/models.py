@@ -398,6 +398,8 @@ ZOO: dict[str, Callable[[int, int], nn.Module]] = {
     "wrn_40_2": partial(WideResNet, 40, 2),
     "mobilenetv2": MobileNetV2,
     "small_cnn": SmallCNN,
+    # ~6.3k params: an edge-sized student where the teacher–student gap (and so distillation) matters most.
+    "tiny_cnn": partial(SmallCNN, widths=(8, 16, 32)),
 }
 MODEL_NAMES: tuple[str, ...] = tuple(ZOO)
 

@@ -42,14 +42,9 @@ def score_model(model, prepared: dict, rt) -> dict:
 
 
 def cost(model, shape) -> dict:
-    import torch
-
     from kdpipe.evaluate import count_macs, cpu_latency_ms
     from kdpipe.models import count_parameters
 
-    # Deterministic mode (set for training) makes the first timed forwards ~500x slower here; timing
-    # needs no bitwise reproducibility.
-    torch.use_deterministic_algorithms(False)
     return {"model": model.name, "num_parameters": count_parameters(model), "macs": count_macs(model, shape),
             "latency_ms": cpu_latency_ms(model, shape, batch_size=1)}
 

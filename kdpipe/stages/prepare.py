@@ -25,10 +25,12 @@ def dataset_root(cfg: Config) -> Path:
 
 def prepare(cfg: Config) -> dict:
     """Worker: load, split and summarise the configured dataset (no files written)."""
-    from kdpipe.data import load_raw, prepare_dataset
+    from kdpipe.data import load_raw, prepare_dataset, subset
 
     raw = load_raw(cfg.data.dataset, dataset_root(cfg), image_size=cfg.data.image_size,
                    download=cfg.data.download)
+    if cfg.data.train_subset:
+        raw = subset(raw, cfg.data.train_subset, cfg.seed)
     return prepare_dataset(raw, cfg.data.val_fraction, cfg.data.test_fraction, cfg.seed)
 
 

@@ -1,0 +1,120 @@
+"""Fashion-MNIST quality benchmark: does distillation beat the scratch student, by how much, over 3 seeds?
+
+Runs the real stage workers (prepare → teacher → scratch → distill → evaluate) in-process on
+bench/quality.yaml, in bench/work/quality/, and writes bench/results/quality.json. With --curriculum it then
+reruns distill with the curriculum on (easy→hard, random, hard→easy) over the same teacher and seeds and
+writes bench/results/curriculum.json. Run from the repo root: `make bench-quality` / `make bench-curriculum`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+BENCH = Path(__file__).resolve().parent
+WORK = BENCH / "work" / "quality"
+RESULTS = BENCH / "results"
+
+
+def bench_config(overrides: dict | None = None):
+    """bench/quality.yaml with every path under bench/work/quality/."""
+    from kdpipe.config import from_dict
+
+    raw = yaml.safe_load((BENCH / "quality.yaml").read_text())
+    raw["paths"] = {k: str(WORK / v) for k, v in {"raw": "raw", "downloads": "downloads", "prepared": "prepared",
+                    "models": "models", "metrics": "metrics", "plots": "plots", "reports": "reports"}.items()}
+    for section, values in (overrides or {}).items():
+        raw[section] = {**raw.get(section, {}), **values}
+    return from_dict(raw)
+
+
+def timed(label: str, fn, *args):
+    t0 = time.perf_counter()
+    out = fn(*args)
+    seconds = time.perf_counter() - t0
+    print(f"[bench] {label}: {seconds:.0f} s", file=sys.stderr, flush=True)
+    return out, seconds
+
+
+def stats(metrics: dict) -> dict:
+    per_seed = [s["test_accuracy"] for s in metrics.get("per_seed", [])] or [metrics["test_accuracy"]]
+    return {"mean": metrics["test_accuracy"], "std": metrics.get("test_accuracy_std", 0.0), "n": len(per_seed),
+            "values": per_seed, "val_mean": metrics["val_accuracy"]}
+
+
+def machine() -> dict:
+    import torch
+
+    return {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "cuda": torch.cuda.is_available()}
+
+
+def quality() -> dict:
+    from kdpipe.stages import distill, evaluate, prepare, scratch, teacher
+
+    cfg = bench_config()
+    seconds = {}
+    for name, stage in (("prepare", prepare), ("teacher", teacher), ("scratch", scratch), ("distill", distill),
+                        ("evaluate", evaluate)):
+        _, seconds[name] = timed(name, stage.run, cfg)
+    metrics = {name: json.loads((WORK / "metrics" / f"{name}.json").read_text())
+               for name in ("teacher", "scratch", "distill", "evaluate")}
+    result = {
+        "dataset": cfg.data.dataset, "train_subset": cfg.data.train_subset, "seeds": list(cfg.student.seeds),
+        "teacher_model": cfg.teacher.model, "student_model": cfg.student.model, "method": cfg.distill.method,
+        "teacher": stats(metrics["teacher"]), "scratch": stats(metrics["scratch"]),
+        "distilled": stats(metrics["distill"]), "gap_recovered": metrics["evaluate"]["gap_recovered"],
+        "seconds": {k: round(v, 1) for k, v in seconds.items()}, "total_seconds": round(sum(seconds.values()), 1),
+        "machine": machine(), "params": cfg.model_dump(mode="json", exclude={"paths", "tracking"}),
+    }
+    paired = [d - s for d, s in zip(result["distilled"]["values"], result["scratch"]["values"], strict=True)]
+    result["gain_points"] = {"mean": 100 * sum(paired) / len(paired), "per_seed": [100 * p for p in paired]}
+    return result
+
+
+def curriculum_ablation() -> dict:
+    """Distill again with the curriculum on, per ordering; data, teacher and seeds as in quality()."""
+    import shutil
+
+    from kdpipe.stages import distill
+
+    if not (WORK / "models" / "teacher_outputs.pt").is_file():
+        sys.exit("bench: run the quality benchmark first (it trains the teacher this ablation reuses)")
+    result = {"dataset": "fashion_mnist", "off": stats(json.loads((WORK / "metrics" / "distill.json").read_text())),
+              "seconds": {}}
+    for ordering in ("easy_to_hard", "random", "hard_to_easy"):
+        out = WORK / f"curriculum_{ordering}"
+        (out / "models").mkdir(parents=True, exist_ok=True)
+        for name in ("teacher.pt", "teacher_outputs.pt"):  # the same teacher; its own student checkpoints
+            shutil.copy2(WORK / "models" / name, out / "models" / name)
+        cfg = bench_config({"curriculum": {"enabled": True, "ordering": ordering},
+                            "paths": {"models": str(out / "models"), "metrics": str(out / "metrics"),
+                                      "plots": str(out / "plots")}})
+        _, result["seconds"][ordering] = timed(f"distill, curriculum {ordering}", distill.run, cfg)
+        result[ordering] = stats(json.loads((out / "metrics" / "distill.json").read_text()))
+    result["curriculum"] = cfg.curriculum.model_dump(mode="json")
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--curriculum", action="store_true", help="run the curriculum ablation (after quality)")
+    args = parser.parse_args()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    if args.curriculum:
+        out, name = curriculum_ablation(), "curriculum.json"
+    else:
+        out, name = quality(), "quality.json"
+    (RESULTS / name).write_text(json.dumps(out, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in out.items() if k not in ("params", "machine")}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,19 @@
+"""Prefect orchestration of the DVC pipeline: `kd-pipeline` (flows/pipeline.py) and `kd-sweep` (flows/sweep.py).
+
+Flows only orchestrate: every stage runs as its own process through DVC, so DVC decides what is up to date
+and `dvc.lock` records what ran. The defaults below keep Prefect, DVC and MLflow quiet and offline-safe in
+every process that loads the flows (CLI, worker, `serve`, tests); they are defaults only, so an explicit
+setting in the environment wins. They must be set before `prefect` is first imported to take effect.
+"""
+
+import os
+
+QUIET_ENV = {
+    "DO_NOT_TRACK": "true",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_LOGGING_LEVEL": "WARNING",
+    "DVC_NO_ANALYTICS": "1",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+}
+for _key, _value in QUIET_ENV.items():
+    os.environ.setdefault(_key, _value)

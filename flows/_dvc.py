@@ -1,0 +1,124 @@
+"""DVC as the flows use it: its stage graph, stage processes that stream their output, `dvc exp show`.
+
+No Prefect here: these are plain subprocess helpers, so the flows stay short and the helpers testable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from flows import QUIET_ENV
+
+TAIL_LINES = 12  # how much of a failed command's output its error message quotes
+
+
+@dataclass(frozen=True)
+class Output:
+    returncode: int
+    lines: list[str]
+
+    @property
+    def tail(self) -> str:
+        return "\n".join(self.lines[-TAIL_LINES:])
+
+
+def dvc() -> str:
+    """The dvc next to this interpreter (the venv's), else whatever `dvc` is on PATH."""
+    local = Path(sys.executable).parent / "dvc"
+    return str(local) if local.exists() else "dvc"
+
+
+def environment(**extra: str) -> dict[str, str]:
+    """This process's environment with the interpreter's bin first on PATH, so a stage's `python` is the
+    venv's even when a worker was started without it, telemetry off, and `extra` on top."""
+    env = {**os.environ, **QUIET_ENV}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.update(extra)
+    return env
+
+
+def run(args: list[str], root: Path, env: dict[str, str], on_line: Callable[[str], None]) -> Output:
+    """Run `dvc <args>` in `root`, handing each output line to `on_line` as it comes.
+
+    The command gets its own process group: if the caller is interrupted (cancelled flow, Ctrl-C, test
+    timeout), the whole group goes down with it instead of leaving a training process behind.
+    """
+    proc = subprocess.Popen([dvc(), *args], cwd=root, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True)
+    lines: list[str] = []
+    try:
+        for line in proc.stdout:
+            if line := line.rstrip():
+                lines.append(line)
+                on_line(line)
+        return Output(proc.wait(), lines)
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
+
+
+def stage_graph(root: Path, env: dict[str, str]) -> tuple[list[str], dict[str, set[str]]]:
+    """Pipeline stages in dependency order (ties keep dvc.yaml's order) and each stage's direct upstream,
+    from `dvc dag --dot`. Data sources tracked by `.dvc` files are not stages and are left out."""
+    out = subprocess.run([dvc(), "dag", "--dot"], cwd=root, env=env, capture_output=True, text=True, check=True)
+    nodes = [n for n in re.findall(r'^"([^"]+)";$', out.stdout, re.M) if not n.endswith(".dvc")]
+    upstream: dict[str, set[str]] = {n: set() for n in nodes}
+    for src, dst in re.findall(r'^"([^"]+)" -> "([^"]+)";$', out.stdout, re.M):
+        if src in upstream and dst in upstream:
+            upstream[dst].add(src)
+    order: list[str] = []
+    while len(order) < len(nodes):
+        order.append(next(n for n in nodes if n not in order and upstream[n] <= set(order)))
+    return order, upstream
+
+
+def with_upstream(selected: list[str], upstream: dict[str, set[str]]) -> set[str]:
+    """The selected stages and everything they depend on, as `dvc repro <stage>` would consider."""
+    unknown = sorted(set(selected) - set(upstream))
+    if unknown:
+        raise ValueError(f"unknown stage(s) {unknown}; dvc.yaml has {sorted(upstream)}")
+    todo, seen = list(selected), set()
+    while todo:
+        stage = todo.pop()
+        if stage not in seen:
+            seen.add(stage)
+            todo.extend(upstream[stage])
+    return seen
+
+
+def set_args(overrides: dict) -> list[str]:
+    """{"teacher.lr": 0.1} → ["-S", "teacher.lr=0.1"]; non-strings as JSON (True → true, None → null),
+    which DVC reads back as YAML."""
+    args: list[str] = []
+    for key, value in overrides.items():
+        args += ["-S", f"{key}={value if isinstance(value, str) else json.dumps(value)}"]
+    return args
+
+
+def lock_digest(root: Path) -> str:
+    """sha256 of dvc.lock: names exactly which data, code and params a run left in the workspace."""
+    lock = root / "dvc.lock"
+    return hashlib.sha256(lock.read_bytes()).hexdigest() if lock.exists() else "none"
+
+
+def experiment_metrics(root: Path, env: dict[str, str], metric_file: str, metric: str) -> dict[str, float | None]:
+    """`dvc exp show --json` reduced to {experiment name: metric value} for the experiments of HEAD."""
+    out = subprocess.run([dvc(), "exp", "show", "--json"], cwd=root, env=env, capture_output=True, text=True,
+                         check=True)
+    values: dict[str, float | None] = {}
+    for baseline in json.loads(out.stdout):
+        for exp in baseline.get("experiments") or []:
+            data = exp["revs"][0].get("data") or {}
+            metrics = (data.get("metrics") or {}).get(metric_file, {}).get("data", {})
+            values[exp["name"]] = metrics.get(metric)
+    return values

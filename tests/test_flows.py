@@ -1,0 +1,358 @@
+"""The Prefect layer for real: kd-pipeline and kd-sweep on a fresh git+DVC repo with tiny params, against a
+Prefect API (one `prefect_test_harness` per session), with MLflow lineage, a local DVC remote, and the nightly
+deployment registered by `prefect deploy` and run by a `prefect worker` that the test starts and stops.
+
+The repo tests share (module scope) goes through states in file order: built → run → up to date → failing
+stage → experiments → sweep → deployment run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO
+
+if str(REPO) not in sys.path:  # `flows` is a folder at the repo root, not an installed package
+    sys.path.insert(0, str(REPO))
+
+from flows import _dvc  # noqa: E402
+from flows.pipeline import kd_pipeline, no_heartbeat, parse_set  # noqa: E402
+from flows.sweep import best_point, grid_points, kd_sweep, parse_grid  # noqa: E402
+
+PROJECT_FILES = ("kdpipe", "flows", "dvc.yaml", "params.yaml", "prefect.yaml", "data/raw/README.md",
+                 ".dvc/config", ".dvcignore", ".gitignore")
+# prepare comes along as teacher's upstream. The later stages (scratch, distill, ...) have their owners' tests;
+# that the flow finds every stage of dvc.yaml is checked by test_stage_graph_follows_dvc.
+STAGES = ["teacher"]
+POOL = "kdpipe-process"
+
+
+# ---------------------------------------------------------------- fast: the pure helpers
+
+def test_set_args_write_values_as_yaml_reads_them():
+    assert _dvc.set_args({"teacher.lr": 0.1, "teacher.flip": True, "teacher.checkpoint": None, "a.b": "x"}) == [
+        "-S", "teacher.lr=0.1", "-S", "teacher.flip=true", "-S", "teacher.checkpoint=null", "-S", "a.b=x"]
+    assert parse_set(["teacher.lr=0.1", "a.b=c=d"]) == {"teacher.lr": "0.1", "a.b": "c=d"}
+    with pytest.raises(SystemExit):
+        parse_set(["teacher.lr"])
+
+
+def test_upstream_closure_and_unknown_stage():
+    upstream = {"prepare": set(), "teacher": {"prepare"}, "scratch": {"prepare"}, "distill": {"teacher"}}
+    assert _dvc.with_upstream(["distill"], upstream) == {"prepare", "teacher", "distill"}
+    with pytest.raises(ValueError, match="unknown stage"):
+        _dvc.with_upstream(["nope"], upstream)
+
+
+def test_grid_points_and_best_point():
+    assert grid_points({"a": [1, 2], "b": [3, 4]}) == [
+        {"a": 1, "b": 3}, {"a": 1, "b": 4}, {"a": 2, "b": 3}, {"a": 2, "b": 4}]
+    assert parse_grid(["teacher.lr=0.05,0.1", "teacher.flip=true"]) == {
+        "teacher.lr": [0.05, 0.1], "teacher.flip": [True]}
+    assert best_point({"x": 0.5, "y": None, "z": 0.7}) == "z"
+    assert best_point({"y": None}) is None
+
+
+# ---------------------------------------------------------------- fixtures: a Prefect API and a fresh repo
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    """A temporary Prefect server and database for the session (~10 s), heartbeats off."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=60), no_heartbeat():
+        yield PREFECT_API_URL.value()
+
+
+def _git(root: Path, *args: str) -> None:
+    _sh(["git", *args], root)
+
+
+def _sh(cmd: list[str], cwd: Path, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    out = subprocess.run(cmd, cwd=cwd, env=env or _dvc.environment(), capture_output=True, text=True,
+                         timeout=timeout)
+    assert out.returncode == 0, f"{' '.join(cmd)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    return out
+
+
+def shrink(params: dict) -> dict:
+    """Tiny training everywhere: small_cnn teacher, one epoch, one seed, no system-metrics sampling."""
+    params["teacher"]["model"] = "small_cnn"
+    for section in params.values():
+        if isinstance(section, dict) and "epochs" in section:
+            section.update(epochs=1, batch_size=128, patience=0, warmup_epochs=0)
+        if isinstance(section, dict) and "seeds" in section:
+            section["seeds"] = [0]
+    params["tracking"]["system_metrics"] = False
+    return params
+
+
+@pytest.fixture(scope="module")
+def repo(prefect_api, tmp_path_factory):
+    """A fresh repo holding the project files as a clone has them, tiny params, a local DVC remote, one commit."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        mp.setenv("KDPIPE_DEVICE", "cpu")
+        root = tmp_path_factory.mktemp("flows") / "repo"
+        for rel in PROJECT_FILES:
+            src, dst = REPO / rel, root / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            if src.is_dir():
+                shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
+            else:
+                shutil.copy2(src, dst)
+        params = shrink(yaml.safe_load((root / "params.yaml").read_text()))
+        (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        _git(root, "init", "-q")
+        _git(root, "config", "user.name", "kdpipe test")
+        _git(root, "config", "user.email", "test@kdpipe.invalid")
+        _sh([_dvc.dvc(), "remote", "add", "-d", "local", str(root.parent / "remote")], root)
+        _git(root, "add", "-A")
+        _git(root, "commit", "-qm", "init")
+        yield root
+
+
+def _restore_outputs(root: Path) -> None:
+    """Outputs back from the cache, as dvc.lock names them (DVC deletes a stage's outputs before running
+    it). Best effort: run on its own, a test may not have built them."""
+    subprocess.run([_dvc.dvc(), "checkout", "-q"], cwd=root, env=_dvc.environment(), capture_output=True)
+
+
+def flow_run_id(state):
+    return state.state_details.flow_run_id
+
+
+def task_runs(run_id) -> dict:
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
+    return {run.name: run.state for run in runs}
+
+
+def logged_lines(run_id, wanted: str, timeout: float = 20) -> list[str]:
+    """The flow run's log messages, once one containing `wanted` arrived (logs are shipped in batches)."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    deadline = time.monotonic() + timeout
+    while True:
+        with get_client(sync_client=True) as client:
+            logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
+        lines = [log.message for log in logs]
+        if any(wanted in line for line in lines) or time.monotonic() > deadline:
+            return lines
+        time.sleep(0.5)
+
+
+def mlflow_runs(root: Path, query: str) -> list:
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    return mlflow.search_runs(experiment_names=["kdpipe"], filter_string=query, output_format="list")
+
+
+# ---------------------------------------------------------------- kd-pipeline
+
+@pytest.mark.slow
+def test_stage_graph_follows_dvc(repo):
+    order, upstream = _dvc.stage_graph(repo, _dvc.environment())
+    listed = _sh([_dvc.dvc(), "stage", "list", "--name-only"], repo).stdout.split()
+    assert sorted(order) == sorted(listed) and order[:2] == ["prepare", "teacher"]
+    for stage, before in upstream.items():  # every stage comes after what it depends on
+        assert all(order.index(b) < order.index(stage) for b in before)
+
+
+@pytest.mark.slow
+def test_pipeline_runs_each_stage_as_a_task_and_pushes(repo):
+    state = kd_pipeline(stages=STAGES, push=True, repo=str(repo), return_state=True)
+    assert state.is_completed(), state.message
+    result = state.result()
+    assert result["results"] == {"prepare": "ran", "teacher": "ran"}
+    tasks = task_runs(flow_run_id(state))
+    assert set(tasks) == {"prepare", "teacher", "dvc push"}
+    assert all(s.is_completed() for s in tasks.values()), tasks
+    assert result["dvc_lock_sha256"] == hashlib.sha256((repo / "dvc.lock").read_bytes()).hexdigest()
+    assert any((repo.parent / "remote").rglob("*")), "dvc push sent nothing to the remote"
+    # The stages' own output, line by line, is in the flow run's logs.
+    lines = logged_lines(flow_run_id(state), "teacher epoch 1/1")
+    assert "Running stage 'teacher':" in lines and any("teacher epoch 1/1" in line for line in lines), lines[-20:]
+
+
+@pytest.mark.slow
+def test_stage_runs_nest_under_one_mlflow_parent_run(repo):
+    (parent,) = mlflow_runs(repo, "tags.prefect_flow = 'kd-pipeline'")
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["dvc_lock_sha256"] == _dvc.lock_digest(repo)
+    children = mlflow_runs(repo, f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(r.info.run_name for r in children) == ["prepare", "teacher"]
+
+    from prefect import get_client
+
+    with get_client(sync_client=True) as client:  # named after the flow run, tagged with its id
+        run = client.read_flow_run(parent.data.tags["prefect_flow_run_id"])
+    assert parent.info.run_name == run.name
+
+
+@pytest.mark.slow
+def test_second_run_reports_stages_up_to_date(repo):
+    lock = _dvc.lock_digest(repo)
+    state = kd_pipeline(stages=STAGES, repo=str(repo), return_state=True)
+    assert state.is_completed(), state.message
+    assert state.result()["results"] == {"prepare": "up to date", "teacher": "up to date"}
+    tasks = task_runs(flow_run_id(state))
+    assert {name: s.message for name, s in tasks.items()} == {"prepare": "up to date", "teacher": "up to date"}
+    assert _dvc.lock_digest(repo) == lock
+
+
+@pytest.mark.slow
+def test_failing_stage_fails_the_flow_with_its_name(repo):
+    params = repo / "params.yaml"
+    good = params.read_bytes()
+    junk = repo.parent / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    bad = yaml.safe_load(good)  # valid params (so the flow starts), but a teacher that cannot load
+    bad["teacher"].update(source="checkpoint", checkpoint=str(junk))
+    params.write_text(yaml.safe_dump(bad, sort_keys=False))
+    try:
+        state = kd_pipeline(stages=STAGES, repo=str(repo), return_state=True)
+    finally:
+        params.write_bytes(good)
+        _restore_outputs(repo)
+    assert state.is_failed()
+    assert "stage 'teacher' failed" in state.message and "kdpipe teacher: error:" in state.message, state.message
+    tasks = task_runs(flow_run_id(state))
+    assert tasks["prepare"].is_completed() and tasks["teacher"].is_failed()
+    (parent,) = mlflow_runs(repo, f"tags.prefect_flow_run_id = '{flow_run_id(state)}'")
+    assert parent.info.status == "FAILED"
+
+
+@pytest.mark.slow
+def test_overrides_run_as_one_recorded_experiment(repo):
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-qm", "baseline results")
+    committed = (repo / "params.yaml").read_bytes()
+
+    failed = kd_pipeline(stages=STAGES, overrides={"teacher.model": "no_such_model"}, repo=str(repo),
+                         return_state=True)
+    assert failed.is_failed() and "unknown model" in failed.message
+    assert (repo / "params.yaml").read_bytes() == committed  # a failed experiment leaves params.yaml as it was
+
+    state = kd_pipeline(stages=STAGES, overrides={"teacher.epochs": 2}, repo=str(repo), return_state=True)
+    assert state.is_completed(), state.message
+    (name,) = state.result()["results"]
+    assert set(task_runs(flow_run_id(state))) == {name}  # one task, named after the experiment
+    shown = _sh([_dvc.dvc(), "exp", "show", "--json"], repo).stdout
+    assert name in shown
+    assert json.loads((repo / "metrics/teacher.json").read_text())["epochs_run"] == 2
+    assert yaml.safe_load(committed)["teacher"]["epochs"] == 1  # git's params.yaml was never edited
+    _git(repo, "checkout", "--", ".")  # back to the baseline for the tests below
+    _restore_outputs(repo)
+
+
+# ---------------------------------------------------------------- kd-sweep
+
+@pytest.mark.slow
+def test_sweep_2x2_names_the_best_point_by_validation_accuracy(repo):
+    params_before = (repo / "params.yaml").read_bytes()
+    grid = {"teacher.lr": [0.05, 0.2], "teacher.epochs": [1, 2]}
+    state = kd_sweep(grid=grid, stages=STAGES, repo=str(repo), return_state=True)
+    assert state.is_completed(), state.message
+    result = state.result()
+    values = {name: point["val_accuracy"] for name, point in result["points"].items()}
+    assert len(values) == 4 and None not in values.values()
+    assert result["best_value"] == max(values.values())
+    assert result["best_params"] == result["points"][result["best_experiment"]]["params"]
+    assert (repo / "params.yaml").read_bytes() == params_before  # --temp: the workspace is untouched
+    # MLflow: the sweep run names the best; a run per point under it; the stage runs under the points.
+    (sweep,) = mlflow_runs(repo, f"tags.prefect_flow_run_id = '{flow_run_id(state)}'")
+    assert sweep.data.tags["best_experiment"] == result["best_experiment"]
+    assert float(sweep.data.tags["best.teacher.lr"]) == result["best_params"]["teacher.lr"]
+    points = mlflow_runs(repo, f"tags.mlflow.parentRunId = '{sweep.info.run_id}'")
+    assert sorted(r.info.run_name for r in points) == sorted(values)
+    stage_runs = [r for p in points for r in mlflow_runs(repo, f"tags.mlflow.parentRunId = '{p.info.run_id}'")]
+    assert {r.info.run_name for r in stage_runs} == {"teacher"}  # run in --temp dirs, logged to the workspace store
+
+
+def test_sweep_refuses_to_choose_on_test_metrics(prefect_api):
+    state = kd_sweep(grid={"teacher.lr": [0.1]}, metric="test_accuracy", return_state=True)
+    assert state.is_failed() and "validation" in state.message
+
+
+# ---------------------------------------------------------------- the deployment, run by a worker
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Stop a process and everything it started: the worker runs each flow in a new session, and DVC
+    commands get their own process group, so every group in the tree is signalled."""
+    import psutil
+
+    try:
+        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        tree = []
+    groups = set()
+    for p in tree:
+        try:
+            groups.add(os.getpgid(p.pid))
+        except ProcessLookupError:
+            pass
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for group in groups:
+            try:
+                os.killpg(group, sig)
+            except ProcessLookupError:
+                pass
+        try:
+            proc.wait(timeout=10)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+
+
+@pytest.mark.slow
+def test_nightly_deployment_registers_and_a_worker_runs_it(repo, prefect_api, tmp_path):
+    from prefect import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.deployments import run_deployment
+
+    env = _dvc.environment(PREFECT_API_URL=prefect_api, PREFECT_WORKER_QUERY_SECONDS="1",
+                           PREFECT_HOME=str(tmp_path / "prefect-home"))
+    with get_client(sync_client=True) as client:
+        client.create_work_pool(WorkPoolCreate(name=POOL, type="process"), overwrite=True)
+    prefect = str(Path(sys.executable).parent / "prefect")
+    _sh([prefect, "--no-prompt", "deploy", "--name", "nightly"], repo, env=env, timeout=120)
+
+    declared = yaml.safe_load((repo / "prefect.yaml").read_text())["deployments"][0]
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name("kd-pipeline/nightly")
+    assert deployment.schedules[0].schedule.cron == "0 3 * * *"
+    assert deployment.parameters == declared["parameters"]
+    assert deployment.work_pool_name == POOL
+
+    log = (tmp_path / "worker.log").open("w")
+    worker = subprocess.Popen([prefect, "worker", "start", "--pool", POOL], cwd=tmp_path, env=env,
+                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        run = run_deployment("kd-pipeline/nightly", parameters={"stages": STAGES}, timeout=0)
+        deadline = time.monotonic() + 150
+        with get_client(sync_client=True) as client:
+            while not (state := client.read_flow_run(run.id).state).is_final() and time.monotonic() < deadline:
+                time.sleep(1)
+    finally:
+        _stop(worker)
+        log.close()
+    assert state.is_completed(), f"{state.name}: {state.message}\n{(tmp_path / 'worker.log').read_text()[-3000:]}"
+    tasks = task_runs(run.id)
+    assert {name: s.message for name, s in tasks.items()} == {"prepare": "up to date", "teacher": "up to date"}
