@@ -38,10 +38,13 @@ def seed_everything(seed: int) -> None:
 
 
 def setup(seed: int, device: str | None = None) -> Runtime:
-    """Pick the device (CUDA when present unless KDPIPE_DEVICE says otherwise), seed everything,
-    and make CPU runs repeatable bit for bit."""
+    """Pick the device (CUDA when present unless KDPIPE_DEVICE says otherwise), the CPU threads
+    (KDPIPE_THREADS, default torch's), seed everything, and make CPU runs repeatable bit for bit."""
     name = device or os.environ.get("KDPIPE_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
+    if os.environ.get("KDPIPE_THREADS"):
+        # Two jobs sharing few cores each with all threads thrash at every op barrier (10x slower measured).
+        torch.set_num_threads(int(os.environ["KDPIPE_THREADS"]))
     seed_everything(seed)
     if dev.type == "cpu":
         # Deterministic kernels cost little on CPU and make a rerun give the same numbers.

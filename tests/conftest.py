@@ -7,9 +7,16 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Tests train tiny models: one thread each is as fast, and immune to the barrier thrashing that two
+# multi-threaded jobs on a 2-core machine suffer. Stage processes started by tests inherit it.
+os.environ.setdefault("KDPIPE_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["KDPIPE_THREADS"]))
 
 
 def tiny_params(workdir: Path, **overrides) -> dict:
