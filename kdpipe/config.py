@@ -84,13 +84,17 @@ class TrainConfig(_Section):
 
 class TeacherConfig(TrainConfig):
     model: str = "resnet20"
-    source: Literal["train", "checkpoint"] = "train"
+    source: Literal["train", "checkpoint", "registry"] = "train"
     checkpoint: str | None = None  # with source: checkpoint, a .pt file (a kdpipe checkpoint or a state dict)
+    registry_uri: str | None = None  # with source: registry, e.g. models:/kdpipe-teacher@champion
 
     @model_validator(mode="after")
-    def _checkpoint_needs_path(self) -> TeacherConfig:
+    def _source_needs_location(self) -> TeacherConfig:
         if self.source == "checkpoint" and not self.checkpoint:
             raise ValueError("checkpoint: required when source is checkpoint")
+        if self.source == "registry" and not (self.registry_uri or "").startswith("models:/"):
+            raise ValueError(f"registry_uri: must be models:/<name>@<alias> or models:/<name>/<version> "
+                             f"when source is registry, got {self.registry_uri!r}")
         return self
 
 
@@ -153,6 +157,22 @@ class CurriculumConfig(_Section):
     steps: int = Field(default=4, ge=2)  # levels of the step pacing
 
 
+class ExportConfig(_Section):
+    """ONNX export, its checks, int8, and the MLflow registry gate."""
+
+    opset: int = Field(default=17, ge=17, le=23)
+    parity_atol: float = Field(default=1e-4, gt=0)  # max |Δlogit| onnxruntime vs PyTorch on the test split
+    parity_min_agreement: float = Field(default=0.999, gt=0, le=1)  # argmax agreement required
+    latency_repeats: int = Field(default=30, ge=3)
+    latency_threads: int = Field(default=1, ge=1)  # onnxruntime intra-op threads for the latency figures
+    int8: bool = True
+    int8_max_accuracy_drop: float = Field(default=0.01, ge=0, le=1)  # register int8 only within this drop
+    calibration_images: int = Field(default=256, ge=8)  # int8 calibration sample from the train split
+    registry: bool = True  # register versions in the MLflow model registry
+    registered_model: str = Field(default="kdpipe-student", min_length=1)
+    teacher_registered_model: str = Field(default="kdpipe-teacher", min_length=1)
+
+
 class TrackingConfig(_Section):
     experiment: str = Field(default="kdpipe", min_length=1)
     uri: str | None = None  # None: sqlite mlflow.db in the repo root; MLFLOW_TRACKING_URI overrides both
@@ -176,6 +196,7 @@ class Config(_Section):
     student: StudentConfig = StudentConfig()
     distill: DistillConfig = DistillConfig()
     curriculum: CurriculumConfig = CurriculumConfig()
+    export: ExportConfig = ExportConfig()
     tracking: TrackingConfig = TrackingConfig()
     paths: PathsConfig = PathsConfig()
 

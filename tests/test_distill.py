@@ -65,11 +65,11 @@ def test_evaluate_numbers_match_the_models(done):
 
 def test_report_and_plots_are_written(done):
     work, _ = done
-    text = (work / "reports/evaluate.md").read_text()
+    text = (work / "reports/evaluate/evaluate.md").read_text()
     assert "| teacher |" in text and "| scratch |" in text and "| distilled |" in text
     assert "Gap recovered" in text and "Classification report" in text
     for name in ("confusion_teacher.png", "confusion_scratch.png", "confusion_distilled.png", "curves_val_accuracy.png"):
-        assert (work / "reports" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (work / "reports" / "evaluate" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert name in text
     for stage in ("scratch", "distill"):
         header = (work / f"plots/{stage}.csv").read_text().splitlines()[0]

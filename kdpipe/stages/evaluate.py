@@ -72,7 +72,7 @@ def write_report(cfg: Config, prepared: dict, results: dict, scored: dict, gap) 
     from kdpipe.artifacts import write_text
     from kdpipe.evaluate import confusion_png, curves_png, headline_table, markdown_report
 
-    reports = Path(cfg.paths.reports)
+    reports = Path(cfg.paths.reports) / STAGE
     images, sections = {}, {}
     for label, runs in scored.items():
         seed, metrics = runs[0]
