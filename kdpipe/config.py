@@ -101,7 +101,7 @@ class TeacherConfig(TrainConfig):
 class StudentConfig(TrainConfig):
     """The recipe shared by the scratch baseline and the distilled student, run once per seed."""
 
-    model: str = "small_cnn"
+    model: str = "tiny_cnn"
     seeds: tuple[int, ...] = Field(default=(0, 1, 2), min_length=1)
 
     @model_validator(mode="after")
