@@ -1,18 +1,17 @@
-"""`kdpipe` command line: check-params, list."""
+"""`kdpipe` command line: check-params, list, predict."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from kdpipe.config import DEFAULT_PARAMS
-
 EXIT_USER_ERROR = 2
 
 
-def check_params(path: str) -> int:
-    from kdpipe.config import ConfigError, load
+def check_params(path: str | None) -> int:
+    from kdpipe.config import DEFAULT_PARAMS, ConfigError, load
 
+    path = path or DEFAULT_PARAMS
     try:
         cfg = load(path)
     except ConfigError as e:
@@ -49,11 +48,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kdpipe", description="Knowledge-distillation pipeline tools.")
     sub = parser.add_subparsers(dest="command", required=True)
     check = sub.add_parser("check-params", help="validate a params file (exit 2 and one line if bad)")
-    check.add_argument("file", nargs="?", default=DEFAULT_PARAMS)
+    # No default object here: kdpipe.config imports torch, and `kdpipe predict` must not.
+    check.add_argument("file", nargs="?", default=None, help="params file (default params.yaml)")
     lst = sub.add_parser("list", help="list models or losses")
     lst.add_argument("what", choices=["models", "losses"])
     lst.add_argument("--in-channels", type=int, default=3)
     lst.add_argument("--num-classes", type=int, default=10)
+    pred = sub.add_parser("predict", help="top classes of images with an exported ONNX model (no torch needed)")
+    pred.add_argument("--model", required=True, help="an .onnx file or a registry URI, e.g. models:/kdpipe-student@champion")
+    pred.add_argument("images", nargs="+", metavar="IMAGE")
+    pred.add_argument("--top", type=int, default=3, help="how many classes to show per image (default 3)")
+    pred.add_argument("--tracking-uri", default=None,
+                      help="MLflow store for models:/ URIs (default: MLFLOW_TRACKING_URI, else ./mlflow.db)")
     return parser
 
 
@@ -61,6 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "check-params":
         return check_params(args.file)
+    if args.command == "predict":
+        from kdpipe import predict
+
+        return predict.main(args)
     if args.what == "models":
         return list_models(args.in_channels, args.num_classes)
     return list_losses()

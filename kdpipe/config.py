@@ -190,15 +190,17 @@ class PathsConfig(_Section):
 
 
 class Config(_Section):
+    # default_factory, not instances: building a default runs its validators (which import the model zoo
+    # and so torch); a factory defers that to load time and keeps `import kdpipe.config` cheap.
     seed: int = Field(default=0, ge=0, lt=2**32)
-    data: DataConfig = DataConfig()
-    teacher: TeacherConfig = TeacherConfig()
-    student: StudentConfig = StudentConfig()
-    distill: DistillConfig = DistillConfig()
-    curriculum: CurriculumConfig = CurriculumConfig()
-    export: ExportConfig = ExportConfig()
-    tracking: TrackingConfig = TrackingConfig()
-    paths: PathsConfig = PathsConfig()
+    data: DataConfig = Field(default_factory=DataConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    curriculum: CurriculumConfig = Field(default_factory=CurriculumConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    paths: PathsConfig = Field(default_factory=PathsConfig)
 
     def flat(self) -> dict[str, Any]:
         """Params flattened to dotted keys (``teacher.lr``), as MLflow logs them."""

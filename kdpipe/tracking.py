@@ -22,11 +22,30 @@ DB_FILE = "mlflow.db"
 ARTIFACT_DIR = "mlartifacts"
 
 
+# What the user set before any of our runs: mlflow.set_tracking_uri() writes MLFLOW_TRACKING_URI into the
+# environment, so reading it later would let one run's store capture every later run in the process.
+_USER_URI = os.environ.get("MLFLOW_TRACKING_URI")
+
+
 def tracking_uri(cfg: TrackingConfig, root: Path | None = None) -> str:
     """Environment first, then params, then a sqlite file at the repo root (absolute: `dvc exp run --temp`
     runs elsewhere and a relative path would lose the run)."""
     root = (root or Path.cwd()).resolve()
-    return os.environ.get("MLFLOW_TRACKING_URI") or cfg.uri or f"sqlite:///{root / DB_FILE}"
+    return _user_uri() or cfg.uri or f"sqlite:///{root / DB_FILE}"
+
+
+def _user_uri() -> str | None:
+    """MLFLOW_TRACKING_URI as the user set it, unless mlflow itself put it there during this process."""
+    current = os.environ.get("MLFLOW_TRACKING_URI")
+    return current if current != _MLFLOW_SET.get("uri") else _USER_URI
+
+
+_MLFLOW_SET: dict[str, str] = {}
+
+
+def _set_uri(mlflow, uri: str) -> None:
+    mlflow.set_tracking_uri(uri)
+    _MLFLOW_SET["uri"] = uri
 
 
 def _import_mlflow():
@@ -111,7 +130,7 @@ def stage_run(
     mlflow = _import_mlflow()
 
     root = (root or Path.cwd()).resolve()
-    mlflow.set_tracking_uri(tracking_uri(cfg.tracking, root))
+    _set_uri(mlflow, tracking_uri(cfg.tracking, root))
     experiment_id = _experiment_id(mlflow, cfg.tracking.experiment, root)
     if cfg.tracking.system_metrics:
         mlflow.set_system_metrics_sampling_interval(1)
@@ -141,7 +160,7 @@ def start_parent_run(name: str, cfg: Config, *, tags: dict[str, str] | None = No
 
     root = (root or Path.cwd()).resolve()
     client = mlflow.MlflowClient(tracking_uri(cfg.tracking, root))
-    mlflow.set_tracking_uri(tracking_uri(cfg.tracking, root))
+    _set_uri(mlflow, tracking_uri(cfg.tracking, root))
     experiment_id = _experiment_id(mlflow, cfg.tracking.experiment, root)
     run = client.create_run(experiment_id, run_name=name, tags={**git_facts(root), **(tags or {})})
     return run.info.run_id

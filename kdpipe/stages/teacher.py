@@ -1,7 +1,9 @@
 """teacher: train the teacher on the prepared train split (early stopping on val), or bring one.
 
 `teacher.source: train` trains `teacher.model` with the teacher recipe; `teacher.source: checkpoint` loads
-`teacher.checkpoint` (a kdpipe checkpoint, or a bare state dict of `teacher.model`) and only evaluates it.
+`teacher.checkpoint` (a kdpipe checkpoint, or a bare state dict of `teacher.model`) and only evaluates it;
+`teacher.source: registry` fetches the kdpipe checkpoint that the export stage logged beside a registered
+teacher version (`teacher.registry_uri`, e.g. models:/kdpipe-teacher@champion) and goes on as `checkpoint`.
 Outputs: models/teacher.pt (weights + params, weights_only-loadable), metrics/teacher.json, plots/teacher.csv.
 """
 
@@ -29,25 +31,44 @@ def train_teacher(cfg: Config, prepared: dict, rt, splits, on_epoch=None):
     return model, result
 
 
-def bring_teacher(cfg: Config, prepared: dict):
-    """Load a user's teacher and check it fits this dataset (classes, channels) before any work."""
+def bring_teacher(cfg: Config, prepared: dict, path: str | Path | None = None, where: str | None = None):
+    """Load a user's teacher (`path`, default teacher.checkpoint) and check it fits this dataset (classes,
+    channels) before any work. `where` names it in errors (default "teacher.checkpoint: <path>")."""
     from kdpipe.artifacts import CheckpointError, build_from_checkpoint
 
     c = prepared["image_shape"][0]
-    path = cfg.teacher.checkpoint
+    path = path or cfg.teacher.checkpoint
+    where = where or f"teacher.checkpoint: {path}"
     model, ckpt = build_from_checkpoint(
         path, fallback_model=cfg.teacher.model, in_channels=c, num_classes=len(prepared["classes"]),
         mean=prepared["mean"], std=prepared["std"],
     )
     if model.num_classes != len(prepared["classes"]):
-        raise CheckpointError(f"teacher.checkpoint: {path} has {model.num_classes} classes, "
+        raise CheckpointError(f"{where} has {model.num_classes} classes, "
                               f"the dataset has {len(prepared['classes'])}")
     if model.in_channels != c:
-        raise CheckpointError(f"teacher.checkpoint: {path} takes {model.in_channels} channels, the dataset has {c}")
+        raise CheckpointError(f"{where} takes {model.in_channels} channels, the dataset has {c}")
     if "classes" in ckpt and list(ckpt["classes"]) != list(prepared["classes"]):
-        raise CheckpointError(f"teacher.checkpoint: {path} was trained on classes {ckpt['classes'][:3]}..., "
+        raise CheckpointError(f"{where} was trained on classes {ckpt['classes'][:3]}..., "
                               f"not this dataset's {prepared['classes'][:3]}...")
     return model
+
+
+def registry_teacher(cfg: Config, prepared: dict):
+    """The teacher registered at teacher.registry_uri: its logged kdpipe checkpoint, then as bring_teacher.
+    A missing model, alias, version or checkpoint is a user error naming the URI."""
+    import tempfile
+
+    from kdpipe import registry, tracking
+    from kdpipe.artifacts import CheckpointError
+
+    uri = cfg.teacher.registry_uri
+    with tempfile.TemporaryDirectory(prefix="kdpipe-teacher-") as tmp:
+        try:
+            path = registry.download_teacher_checkpoint(uri, tracking.tracking_uri(cfg.tracking), tmp)
+        except registry.RegistryError as e:
+            raise CheckpointError(f"teacher.registry_uri: {e}") from None
+        return bring_teacher(cfg, prepared, path, where=f"teacher.registry_uri: {uri}")
 
 
 def save_teacher_outputs(path: Path, model, train, rt, digest: str) -> None:
@@ -72,7 +93,8 @@ def run(cfg: Config) -> dict:
     rt = runtime.setup(cfg.seed)
     prepared = load_prepared(cfg.paths.prepared)
     splits = place_splits(prepared, rt, stream=cfg.data.dataset == "imagefolder")
-    brought = bring_teacher(cfg, prepared).to(rt.device) if cfg.teacher.source == "checkpoint" else None
+    bring = {"checkpoint": bring_teacher, "registry": registry_teacher}.get(cfg.teacher.source)
+    brought = bring(cfg, prepared).to(rt.device) if bring else None
     params = {"seed": cfg.seed, "data": cfg.data.model_dump(mode="json"), "teacher": cfg.teacher.model_dump(mode="json")}
     tags = {"dataset": cfg.data.dataset, "dataset_digest": prepared["digest"], "teacher_source": cfg.teacher.source,
             "model": cfg.teacher.model, **runtime.device_facts(rt)}

@@ -1,0 +1,129 @@
+"""`kdpipe predict`: top-k classes of images with an exported model, using onnxruntime, PIL and numpy only.
+
+No torch here, nor any kdpipe module that imports it (kdpipe.config does, through its default objects):
+this is the path a model takes outside the training environment. A registry URI (models:/name@alias, models:/name/3) is downloaded with mlflow first, through
+kdpipe.registry. Everything the model needs is in the ONNX file's metadata: class names, the input size
+C×H×W, and the contract float32 (N, C, H, W) in [0, 1] with normalisation inside the graph.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+EXIT_USER_ERROR = 2
+
+
+class PredictError(Exception):
+    """Bad model or image: one line naming it."""
+
+
+def model_path(model: str, tracking_uri: str | None, download_to: str | Path) -> Path:
+    """A local .onnx path, or the model.onnx of a models:/ registry URI downloaded into `download_to`."""
+    if model.startswith("models:/"):
+        from kdpipe import registry
+
+        try:
+            return registry.download_onnx(model, tracking_uri or default_tracking_uri(), download_to)
+        except registry.RegistryError as e:
+            raise PredictError(str(e)) from None
+    path = Path(model)
+    if not path.is_file():
+        raise PredictError(f"{model}: model file not found")
+    return path
+
+
+def default_tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI, else the sqlite store in the current directory, as the stages default to.
+
+    Not kdpipe.tracking.tracking_uri: that module imports kdpipe.config, which imports torch."""
+    import os
+
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+
+
+def load(path: Path):
+    """(onnxruntime session, class names, (C, H, W)) from an exported file's metadata."""
+    import onnxruntime
+
+    try:
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types for unreadable files
+        raise PredictError(f"{path}: onnxruntime cannot load it ({type(e).__name__})") from None
+    meta = session.get_modelmeta().custom_metadata_map
+    shape = input_shape(meta, session)
+    classes = json.loads(meta["classes"]) if "classes" in meta else None
+    return session, classes, shape
+
+
+def input_shape(meta: dict[str, str], session) -> tuple[int, int, int]:
+    """(C, H, W) from the "input_size" metadata ("1x8x8"), else from the graph's input."""
+    if "input_size" in meta:
+        c, h, w = (int(v) for v in meta["input_size"].split("x"))
+        return c, h, w
+    dims = session.get_inputs()[0].shape[1:]
+    if len(dims) != 3 or not all(isinstance(d, int) for d in dims):
+        raise PredictError("the model has no input_size metadata and no fixed (C, H, W) input")
+    return tuple(dims)
+
+
+def read_image(path: str | Path, shape: tuple[int, int, int]) -> np.ndarray:
+    """One image as float32 (C, H, W) in [0, 1]: grey (L) or RGB by the model's channels, resized to H×W."""
+    from PIL import Image, UnidentifiedImageError
+
+    c, h, w = shape
+    try:
+        with Image.open(path) as image:
+            image = image.convert("L" if c == 1 else "RGB").resize((w, h), Image.Resampling.BILINEAR)
+            pixels = np.asarray(image, dtype=np.float32) / 255.0  # (H, W) or (H, W, 3)
+    except FileNotFoundError:
+        raise PredictError(f"{path}: image not found") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise PredictError(f"{path}: not a readable image ({type(e).__name__})") from None
+    if c == 1:
+        return pixels[None]  # (1, H, W)
+    if c == 3:
+        return pixels.transpose(2, 0, 1)  # (H, W, 3) -> (3, H, W)
+    raise PredictError(f"the model takes {c} channels; only 1 (grey) and 3 (RGB) images are supported")
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=1, keepdims=True)  # (N, K), stable
+    e = np.exp(shifted)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def predict(model: str, images: list[str], top: int = 3, tracking_uri: str | None = None) -> list[dict]:
+    """[{image, top: [(class, probability), ...]}] for each image, best first."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="kdpipe-predict-") as tmp:
+        session, classes, shape = load(model_path(model, tracking_uri, tmp))  # the session holds the model
+    batch = np.stack([read_image(p, shape) for p in images])  # (N, C, H, W) float32
+    logits = session.run(None, {session.get_inputs()[0].name: batch})[0]  # (N, K)
+    probs = softmax(logits.astype(np.float64))
+    classes = classes or [str(i) for i in range(probs.shape[1])]
+    k = max(1, min(top, probs.shape[1]))
+    return [{"image": str(p), "top": [(classes[j], float(row[j])) for j in np.argsort(-row)[:k]]}
+            for p, row in zip(images, probs, strict=True)]
+
+
+def format_results(results: list[dict]) -> str:
+    lines = []
+    for r in results:
+        lines.append(r["image"])
+        lines += [f"  {rank}. {name}  {prob:.4f}" for rank, (name, prob) in enumerate(r["top"], 1)]
+    return "\n".join(lines)
+
+
+def main(args) -> int:
+    """`kdpipe predict` (args from cli.py): prints the results, or one error line and exit 2."""
+    try:
+        print(format_results(predict(args.model, args.images, args.top, args.tracking_uri)))
+    except PredictError as e:
+        print(f"kdpipe predict: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    return 0

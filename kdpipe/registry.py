@@ -1,0 +1,233 @@
+"""MLflow model registry: versions, tags, the candidate/champion aliases, and fetching registered files back.
+
+Part of the tracking layer: with kdpipe/tracking.py, this is the only code that imports mlflow. It imports it
+inside functions and imports no other kdpipe module, so it pulls in neither mlflow at import nor torch ever:
+`kdpipe predict` downloads registered models through it without torch.
+
+The promotion rule (`champion_decision`), applied to every new version of a registered model:
+  * `candidate` always moves to the new version: it is "the latest export that passed its checks";
+  * `champion` moves to it when parity passed and
+      - there is no champion yet, or
+      - the champion was made on another dataset (its `dataset_digest` tag differs): the data changed, and an
+        accuracy measured on other test images is not comparable, so the newest model wins, or
+      - its test accuracy is ≥ the champion's (ties go to the newer model: same quality, newer code);
+    a champion without a readable `test_accuracy` tag (registered by hand) counts as beatable.
+Only what the rule reads is trusted: the `test_accuracy` and `dataset_digest` version tags.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+CANDIDATE = "candidate"
+CHAMPION = "champion"
+CHECKPOINT_TAG = "checkpoint_artifact"  # on teacher versions: runs:/ URI of the kdpipe checkpoint (.pt)
+ONNX_FILE = "model.onnx"  # where the ONNX flavour keeps the model inside a logged MLflow model
+_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+|latest))$")
+
+
+class RegistryError(Exception):
+    """A registry lookup that failed: the message is one line naming the URI and what is missing."""
+
+
+@dataclass(frozen=True)
+class Registration:
+    """One ONNX model to register: the file, the registered-model name, version tags, a description."""
+
+    name: str
+    onnx_path: Path
+    artifact_name: str  # the logged model's name inside the run, e.g. "student"
+    test_accuracy: float
+    dataset_digest: str
+    tags: dict[str, str] = field(default_factory=dict)
+    description: str = ""
+
+
+def _mlflow():
+    """mlflow as tracking._import_mlflow sets it up (telemetry off, INFO chatter hushed), plus no download
+    progress bars. Not that function itself: kdpipe.tracking imports kdpipe.config, whose default objects
+    import torch when built, and `kdpipe predict` must stay torch-free."""
+    import logging
+    import os
+
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("DO_NOT_TRACK", "true")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    import mlflow
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    return mlflow
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The gate
+
+
+def champion_decision(test_accuracy: float, dataset_digest: str, champion_tags: dict[str, str] | None,
+                      *, parity_passed: bool = True) -> tuple[bool, str]:
+    """(take champion?, why) for a new version with `test_accuracy` on `dataset_digest`, given the current
+    champion's version tags (None when there is none). Pure: the rule of the module docstring."""
+    if not parity_passed:
+        return False, "parity failed"
+    if champion_tags is None:
+        return True, "no champion yet"
+    if champion_tags.get("dataset_digest") != dataset_digest:
+        return True, "data changed: the champion was made on another dataset digest"
+    try:
+        best = float(champion_tags["test_accuracy"])
+    except (KeyError, ValueError):
+        return True, "the champion has no readable test_accuracy tag"
+    if test_accuracy >= best:
+        return True, f"test accuracy {test_accuracy:.4f} >= champion's {best:.4f}"
+    return False, f"test accuracy {test_accuracy:.4f} < champion's {best:.4f}"
+
+
+def current_champion(client, name: str):
+    """The version holding `champion`, or None."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        return None
+
+
+def apply_gate(client, name: str, version: str, *, parity_passed: bool = True) -> dict:
+    """Give `version` the candidate alias, and champion when `champion_decision` says so.
+
+    The new version's own `test_accuracy` and `dataset_digest` tags are what gets compared. Returns
+    {version, aliases, champion, previous_champion, reason}.
+    """
+    new = client.get_model_version(name, version)
+    accuracy = float(new.tags.get("test_accuracy", "nan"))
+    champion = current_champion(client, name)
+    take, reason = champion_decision(accuracy, new.tags.get("dataset_digest", ""),
+                                     None if champion is None else dict(champion.tags),
+                                     parity_passed=parity_passed)
+    client.set_registered_model_alias(name, CANDIDATE, version)
+    if take:
+        client.set_registered_model_alias(name, CHAMPION, version)
+    aliases = sorted(a for a, v in client.get_registered_model(name).aliases.items() if str(v) == str(version))
+    return {"version": str(version), "aliases": aliases, "champion": take,
+            "previous_champion": None if champion is None else str(champion.version), "reason": reason}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Registering
+
+
+def pip_requirements() -> list[str]:
+    """Pinned onnx + onnxruntime, read from the installed packages: given explicitly, MLflow skips its ~10 s
+    inference of requirements."""
+    _mlflow()
+    import mlflow.onnx
+
+    return mlflow.onnx.get_default_pip_requirements()
+
+
+def register_onnx(entry: Registration, input_example, *, parity_passed: bool = True) -> dict:
+    """Log `entry.onnx_path` with the ONNX flavour into the active run, register it as a new version of
+    `entry.name` with its tags and description, then apply the gate. Returns apply_gate's dict.
+
+    input_example: a few images, float32 [0, 1] (N, C, H, W); the signature is inferred from it and the
+    model's logits. The ONNX file is loaded fresh here: `mlflow.onnx.log_model` mutates the object it gets.
+    """
+    import onnx
+
+    _mlflow()
+    import mlflow.onnx
+    from mlflow.models import infer_signature
+
+    logits = _run_onnx(entry.onnx_path, input_example)
+    info = mlflow.onnx.log_model(
+        onnx.load(entry.onnx_path), name=entry.artifact_name, registered_model_name=entry.name,
+        signature=infer_signature(input_example, {"logits": logits}), input_example=input_example,
+        pip_requirements=pip_requirements(), onnx_execution_providers=["CPUExecutionProvider"],
+        save_as_external_data=False,  # one self-contained model.onnx, as exported
+    )
+    version = str(info.registered_model_version)
+    client = mlflow.MlflowClient()
+    tags = {**entry.tags, "test_accuracy": f"{entry.test_accuracy:.6f}", "dataset_digest": entry.dataset_digest}
+    for key, value in tags.items():
+        client.set_model_version_tag(entry.name, version, key, str(value))
+    if entry.description:
+        client.update_model_version(entry.name, version, description=entry.description)
+    return apply_gate(client, entry.name, version, parity_passed=parity_passed)
+
+
+def _run_onnx(path: Path, images):
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: images})[0]
+
+
+def log_checkpoint(path: Path, artifact_path: str = "checkpoint") -> str:
+    """Log a file into the active run; returns its runs:/ URI (what a version's checkpoint tag records)."""
+    mlflow = _mlflow()
+    mlflow.log_artifact(str(path), artifact_path=artifact_path)
+    return f"runs:/{mlflow.active_run().info.run_id}/{artifact_path}/{Path(path).name}"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading back
+
+
+def parse_uri(uri: str) -> tuple[str, str | None, str | None]:
+    """models:/name@alias → (name, alias, None); models:/name/3 or /latest → (name, None, "3" | "latest")."""
+    match = _URI.match(uri.strip())
+    if not match:
+        raise RegistryError(f"{uri}: not a registry URI; use models:/<name>@<alias> or models:/<name>/<version>")
+    return match["name"], match["alias"], match["version"]
+
+
+def resolve(uri: str, tracking_uri: str):
+    """The ModelVersion a models:/ URI names, or RegistryError naming the URI and the store."""
+    mlflow = _mlflow()
+    from mlflow.exceptions import MlflowException
+
+    name, alias, version = parse_uri(uri)
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    try:
+        if alias:
+            return client.get_model_version_by_alias(name, alias)
+        if version == "latest":
+            versions = client.search_model_versions(f"name = '{name}'")
+            if not versions:
+                raise RegistryError(f"{uri}: registered model {name!r} has no versions (registry {tracking_uri})")
+            return max(versions, key=lambda v: int(v.version))
+        return client.get_model_version(name, version)
+    except MlflowException as e:
+        first = str(e.message if hasattr(e, "message") else e).strip().splitlines()[0]
+        raise RegistryError(f"{uri}: not found in the registry at {tracking_uri} ({first})") from None
+
+
+def download_teacher_checkpoint(uri: str, tracking_uri: str, dst: str | Path) -> Path:
+    """The kdpipe teacher checkpoint that the export stage logged next to a registered teacher version."""
+    mlflow = _mlflow()
+    version = resolve(uri, tracking_uri)
+    source = version.tags.get(CHECKPOINT_TAG)
+    if not source:
+        raise RegistryError(f"{uri}: version {version.version} has no {CHECKPOINT_TAG} tag, so no kdpipe "
+                            "checkpoint to reuse (register teachers with the export stage)")
+    try:
+        path = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst), tracking_uri=tracking_uri)
+    except Exception as e:  # noqa: BLE001 - missing artifacts surface as several exception types
+        raise RegistryError(f"{uri}: cannot download {source} ({type(e).__name__})") from None
+    return Path(path)
+
+
+def download_onnx(uri: str, tracking_uri: str, dst: str | Path | None = None) -> Path:
+    """The model.onnx file of a registered version, downloaded into `dst` (a new temp dir by default)."""
+    mlflow = _mlflow()
+    version = resolve(uri, tracking_uri)
+    dst = Path(dst or tempfile.mkdtemp(prefix="kdpipe-model-"))
+    folder = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{version.name}/{version.version}",
+                                                 dst_path=str(dst), tracking_uri=tracking_uri)
+    path = Path(folder) / ONNX_FILE
+    if not path.is_file():
+        raise RegistryError(f"{uri}: version {version.version} holds no {ONNX_FILE} (not an ONNX-flavour model)")
+    return path
