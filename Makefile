@@ -43,3 +43,19 @@ bench-quality: venv
 
 bench-curriculum: venv
 	python bench/quality.py --curriculum
+
+# Prefect (flows/, prefect.yaml). `make prefect-server` in one terminal, then in another:
+#   export PREFECT_API_URL=http://127.0.0.1:4200/api; make deploy; prefect worker start --pool kdpipe-process
+.PHONY: prefect-server deploy bench-flow
+
+prefect-server: venv
+	prefect server start --host 127.0.0.1 --port 4200
+
+deploy: venv
+	@python -c "from prefect.settings import PREFECT_API_URL as u; raise SystemExit(0 if u.value() else \
+	  'make deploy: set PREFECT_API_URL first, e.g. http://127.0.0.1:4200/api (see make prefect-server)')"
+	prefect work-pool inspect kdpipe-process >/dev/null 2>&1 || prefect work-pool create kdpipe-process --type process
+	prefect --no-prompt deploy --all
+
+bench-flow: venv
+	python bench/flow_overhead.py

@@ -9,7 +9,6 @@ import hashlib
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -39,8 +38,8 @@ def dvc() -> str:
 
 def environment(**extra: str) -> dict[str, str]:
     """This process's environment with the interpreter's bin first on PATH, so a stage's `python` is the
-    venv's even when a worker was started without it, telemetry off, and `extra` on top."""
-    env = {**os.environ, **QUIET_ENV}
+    venv's even when a worker was started without it, telemetry off unless set, and `extra` on top."""
+    env = {**QUIET_ENV, **os.environ}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.update(extra)
     return env
@@ -49,11 +48,11 @@ def environment(**extra: str) -> dict[str, str]:
 def run(args: list[str], root: Path, env: dict[str, str], on_line: Callable[[str], None]) -> Output:
     """Run `dvc <args>` in `root`, handing each output line to `on_line` as it comes.
 
-    The command gets its own process group: if the caller is interrupted (cancelled flow, Ctrl-C, test
-    timeout), the whole group goes down with it instead of leaving a training process behind.
+    DVC and the stage it starts stay in this process's group on purpose: whoever stops the flow run stops
+    that group (Ctrl-C, a worker cancelling the run, a test timeout), and no training is left behind.
     """
     proc = subprocess.Popen([dvc(), *args], cwd=root, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True)
+                            stderr=subprocess.STDOUT, text=True, bufsize=1)
     lines: list[str] = []
     try:
         for line in proc.stdout:
@@ -62,9 +61,25 @@ def run(args: list[str], root: Path, env: dict[str, str], on_line: Callable[[str
                 on_line(line)
         return Output(proc.wait(), lines)
     except BaseException:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_tree(proc.pid)
         proc.wait()
         raise
+
+
+def kill_tree(pid: int) -> None:
+    """Kill a process and its descendants: DVC does not pass a SIGTERM on, so the stage would live on."""
+    import psutil  # a DVC dependency
+
+    try:
+        parent = psutil.Process(pid)
+        tree = [*parent.children(recursive=True), parent]
+    except psutil.NoSuchProcess:
+        return
+    for proc in tree:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
 
 
 def stage_graph(root: Path, env: dict[str, str]) -> tuple[list[str], dict[str, set[str]]]:
@@ -80,6 +95,13 @@ def stage_graph(root: Path, env: dict[str, str]) -> tuple[list[str], dict[str, s
     while len(order) < len(nodes):
         order.append(next(n for n in nodes if n not in order and upstream[n] <= set(order)))
     return order, upstream
+
+
+def stale_stages(root: Path, env: dict[str, str]) -> set[str]:
+    """Stages whose deps, params or outputs changed, per `dvc status` (it does not yet see what running an
+    upstream stage will change; the caller accounts for that)."""
+    out = subprocess.run([dvc(), "status", "--json"], cwd=root, env=env, capture_output=True, text=True, check=True)
+    return set(json.loads(out.stdout or "{}"))
 
 
 def with_upstream(selected: list[str], upstream: dict[str, set[str]]) -> set[str]:

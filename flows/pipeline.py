@@ -1,9 +1,10 @@
 """kd-pipeline: the DVC stages as Prefect tasks under one MLflow parent run, then an optional `dvc push`.
 
-A plain run is one task per stage, named after it, in DVC's dependency order; each task runs
-`dvc repro --single-item <stage>`, so DVC skips what is up to date (the task's state message then says
-"up to date") and `dvc.lock` records what ran. A run with param overrides is one `dvc exp run -S ...` task
-named after the experiment: DVC needs the whole run to record one experiment, so it cannot be cut per stage.
+A plain run is one task per stage, named after it, in DVC's dependency order (`dvc dag`). DVC decides what
+runs: a stage that `dvc status` names, or whose upstream just changed, runs `dvc repro --single-item <stage>`
+(its output streamed into the task's logs, `dvc.lock` recording it); the others end at once in a Completed
+state with the message "up to date". A run with param overrides is one `dvc exp run -S ...` task named after
+the experiment: DVC records one experiment per run, so that run cannot be cut per stage.
 
     python -m flows.pipeline                          # every stage, DVC skips what is up to date
     python -m flows.pipeline --stages teacher --force # rerun teacher (upstream only if out of date)
@@ -30,6 +31,7 @@ from kdpipe import tracking
 from kdpipe.config import DEFAULT_PARAMS, load
 
 RETRY_DELAY_S = 5
+UP_TO_DATE = "up to date"
 
 
 class StageFailed(RuntimeError):
@@ -55,21 +57,40 @@ def dvc_command(args: list[str], root: Path, env: dict[str, str], name: str, lab
     out = _dvc.run(args, root, env, stage_logger(name).info)
     if out.returncode != 0:
         raise StageFailed(f"{label} failed (dvc exit {out.returncode}):\n{out.tail}")
-    ran = any(line.startswith("Running stage") for line in out.lines)
-    return Completed(message="ran" if ran else "up to date")
+    if any(line.startswith("Running stage") for line in out.lines):
+        return Completed(message="ran")
+    if any("is cached - skipping run" in line for line in out.lines):
+        return Completed(message="restored from the run cache")
+    return Completed(message=UP_TO_DATE)
+
+
+@task(cache_policy=NO_CACHE)
+def up_to_date() -> State:
+    """A stage that `dvc status` found up to date (and nothing upstream of it ran): no process to start,
+    but the run still shows the stage."""
+    return Completed(message=UP_TO_DATE)
 
 
 def repro_stages(stages: list[str] | None, force: bool, root: Path, env: dict[str, str]) -> dict[str, str]:
     """One task per stage: the selected stages (default all) plus what they depend on, in DVC's order.
-    `force` reruns the selected stages only; upstream stages run only when out of date."""
+    `force` reruns the selected stages only; upstream stages run only when out of date.
+
+    One `dvc status` up front spares a `dvc repro` process (~0.7 s) per up-to-date stage; a stage still goes
+    through `dvc repro` when status names it, when forced, or when something upstream of it just changed.
+    """
     order, upstream = _dvc.stage_graph(root, env)
+    stale = _dvc.stale_stages(root, env)
     wanted = _dvc.with_upstream(stages, upstream) if stages else set(order)
     forced = set(stages or order) if force else set()
-    messages = {}
+    messages: dict[str, str] = {}
     for stage in (s for s in order if s in wanted):
-        args = ["repro", "--single-item", stage, *(["--force"] if stage in forced else [])]
-        step = dvc_command.with_options(name=stage, task_run_name=stage)
-        state = step(args, root, env, stage, f"stage '{stage}'", return_state=True)
+        changed_upstream = any(messages.get(s, UP_TO_DATE) != UP_TO_DATE for s in upstream[stage])
+        if stage in forced or stage in stale or changed_upstream:
+            args = ["repro", "--single-item", stage, *(["--force"] if stage in forced else [])]
+            step = dvc_command.with_options(name=stage, task_run_name=stage)
+            state = step(args, root, env, stage, f"stage '{stage}'", return_state=True)
+        else:
+            state = up_to_date.with_options(name=stage, task_run_name=stage)(return_state=True)
         state.result()  # raises StageFailed: the flow fails with the stage's name and last lines
         messages[stage] = state.message
     return messages

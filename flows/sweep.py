@@ -5,6 +5,10 @@ time. `--temp` runs in a copy of the repo, so the workspace and its params.yaml 
 with `dvc exp apply <name>`. MLflow: one sweep run, a run per point nested under it (tagged with the
 point's params, logging its metric), and each point's stage runs nested under the point's run.
 
+Why not DVC's queue (`--queue`, then `--run-all --jobs N`): its points run in detached workers that share
+one environment (so no MLflow run per point), their output comes only through `dvc queue logs`, and a worker
+outlives the command; run one at a time, it measured the same as `--temp` here.
+
     python -m flows.sweep -g teacher.lr=0.05,0.1 -g teacher.epochs=1,2 --jobs 1
 """
 
@@ -13,6 +17,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,6 +26,7 @@ import yaml
 from prefect import flow
 from prefect.context import get_run_context
 from prefect.futures import wait
+from prefect.states import State
 
 from flows import _dvc
 from flows.pipeline import dvc_command, no_heartbeat
@@ -39,56 +45,70 @@ def best_point(values: dict[str, float | None]) -> str | None:
     return max(scored, key=scored.__getitem__) if scored else None
 
 
+def run_points(points: dict[str, dict], point_runs: dict[str, str], jobs: int, stages: list[str] | None,
+               root: Path, uri: str) -> dict[str, State]:
+    """Each point as `dvc exp run --temp`, `jobs` at a time; a failed point does not stop the others."""
+    # Points running side by side share the cores instead of each taking them all (oversubscription).
+    threads = {"KDPIPE_THREADS": str(max(1, (os.cpu_count() or 1) // jobs))} if jobs > 1 else {}
+    states: dict[str, State] = {}
+    names = list(points)
+    for batch in (names[i:i + jobs] for i in range(0, len(names), jobs)):
+        futures = {}
+        for name in batch:
+            args = ["exp", "run", "--temp", "-n", name, *_dvc.set_args(points[name]), *(stages or [])]
+            env = _dvc.environment(MLFLOW_TRACKING_URI=uri, **threads, **{tracking.PARENT_RUN_ENV: point_runs[name]})
+            step = dvc_command.with_options(name=name, task_run_name=name)
+            futures[name] = step.submit(args, root, env, name, f"experiment '{name}'")
+        wait(list(futures.values()))
+        states |= {name: future.state for name, future in futures.items()}
+    return states
+
+
 @flow(name="kd-sweep")
 def kd_sweep(grid: dict[str, list[Any]], jobs: int = 1, metric_file: str = "metrics/teacher.json",
              metric: str = "val_accuracy", stages: list[str] | None = None, repo: str = ".") -> dict[str, Any]:
     """Run every point of `grid` as a DVC experiment and name the one with the highest `metric` in
     `metric_file` (as `dvc exp show` keys it). Choosing on test metrics would leak the test split: refused.
 
-    jobs: points run at once (on 2 CPU cores, 1 is fastest); stages: targets of each `dvc exp run`
+    jobs: points run at once, each with cores/jobs torch threads; stages: targets of each `dvc exp run`
     (default all); repo: the DVC repository (default the working directory).
     """
+    if jobs < 1:
+        raise ValueError(f"jobs: must be >= 1, got {jobs}")
     if "test" in metric or "test" in Path(metric_file).stem:
         raise ValueError(f"choose on a validation metric, not {metric_file}:{metric} (the test split stays unseen)")
     root = Path(repo).resolve()
     cfg = load(root / DEFAULT_PARAMS)
     run = get_run_context().flow_run
     points = {f"{run.name}-{i}": point for i, point in enumerate(grid_points(grid), start=1)}
-    uri = tracking.tracking_uri(cfg.tracking, root)
     sweep_run = tracking.start_parent_run(run.name, cfg, root=root, tags={
         "prefect_flow": "kd-sweep", "prefect_flow_run_id": str(run.id), "grid": json.dumps(grid)})
     point_runs = {name: tracking.start_parent_run(name, cfg, root=root, tags={
-        "mlflow.parentRunId": sweep_run, "dvc_experiment": name, **{k: str(v) for k, v in point.items()}}) for name, point in points.items()}
+        "mlflow.parentRunId": sweep_run, "dvc_experiment": name, **{k: str(v) for k, v in point.items()}})
+        for name, point in points.items()}
+    values: dict[str, float | None] = {}
+    states: dict[str, State] = {}
+    try:
+        states = run_points(points, point_runs, jobs, stages, root, tracking.tracking_uri(cfg.tracking, root))
+        done = [name for name, state in states.items() if state.is_completed()]
+        shown = _dvc.experiment_metrics(root, _dvc.environment(), metric_file, metric) if done else {}
+        values = {name: shown.get(name) for name in done}
+    finally:  # close every MLflow run, whatever happened
+        best = best_point(values)
+        for name, run_id in point_runs.items():
+            value = values.get(name)
+            tracking.end_parent_run(run_id, cfg, ok=value is not None, root=root,
+                                    metrics={metric: value} if value is not None else None)
+        tags = {"best_experiment": best, **{f"best.{k}": v for k, v in points[best].items()}} if best else {}
+        tracking.end_parent_run(sweep_run, cfg, ok=best is not None and len(values) == len(points), root=root,
+                                tags=tags, metrics={f"best_{metric}": values[best]} if best else None)
 
-    states = {}
-    for batch in [list(points)[i:i + max(jobs, 1)] for i in range(0, len(points), max(jobs, 1))]:
-        futures = {}
-        for name in batch:
-            args = ["exp", "run", "--temp", "-n", name, *_dvc.set_args(points[name]), *(stages or [])]
-            env = _dvc.environment(MLFLOW_TRACKING_URI=uri, **{tracking.PARENT_RUN_ENV: point_runs[name]})
-            step = dvc_command.with_options(name=name, task_run_name=name)
-            futures[name] = step.submit(args, root, env, name, f"experiment '{name}'")
-        wait(list(futures.values()))
-        states |= {name: future.state for name, future in futures.items()}
-
-    done = [name for name, state in states.items() if state.is_completed()]
-    values = _dvc.experiment_metrics(root, _dvc.environment(), metric_file, metric) if done else {}
-    values = {name: values.get(name) for name in done}
-    best = best_point(values)
-    for name, run_id in point_runs.items():
-        value = values.get(name)
-        tracking.end_parent_run(run_id, cfg, ok=value is not None, root=root,
-                                metrics={metric: value} if value is not None else None)
-    best_tags = {"best_experiment": best, **{f"best.{k}": v for k, v in points[best].items()}} if best else {}
-    tracking.end_parent_run(sweep_run, cfg, ok=len(done) == len(points), root=root, tags=best_tags,
-                            metrics={f"best_{metric}": values[best]} if best else None)
-
-    failed = {name: state.message for name, state in states.items() if name not in done}
+    failed = {name: state.message for name, state in states.items() if not state.is_completed()}
     if failed or best is None:
         raise RuntimeError(f"sweep: {len(failed)} of {len(points)} point(s) failed (best so far: {best}): {failed}")
     return {"best_experiment": best, "best_params": points[best], "best_value": values[best],
-            "metric": f"{metric_file}:{metric}", "points": {n: {"params": points[n], metric: values[n]} for n in points},
-            "mlflow_run_id": sweep_run}
+            "metric": f"{metric_file}:{metric}", "mlflow_run_id": sweep_run,
+            "points": {name: {"params": points[name], metric: values[name]} for name in points}}
 
 
 def parse_grid(items: list[str]) -> dict[str, list[Any]]:

@@ -123,9 +123,16 @@ def repo(prefect_api, tmp_path_factory):
         yield root
 
 
-def _restore_outputs(root: Path) -> None:
-    """Outputs back from the cache, as dvc.lock names them (DVC deletes a stage's outputs before running
-    it). Best effort: run on its own, a test may not have built them."""
+def _commit(root: Path, message: str) -> None:
+    _git(root, "add", "-A")
+    _git(root, "commit", "-q", "--allow-empty", "-m", message)
+
+
+def _restore(root: Path) -> None:
+    """Back to the last commit: git files (params, dvc.lock, the uncached metrics and plots), then the cached
+    outputs that dvc.lock names (DVC deletes a stage's outputs before running it). Best effort for the
+    latter: run on its own, a test may not have built them."""
+    _git(root, "checkout", "--", ".")
     subprocess.run([_dvc.dvc(), "checkout", "-q"], cwd=root, env=_dvc.environment(), capture_output=True)
 
 
@@ -218,7 +225,15 @@ def test_second_run_reports_stages_up_to_date(repo):
 
 
 @pytest.mark.slow
+def test_cli_entry_point(repo, prefect_api):
+    env = _dvc.environment(PREFECT_API_URL=prefect_api)
+    out = _sh([sys.executable, "-m", "flows.pipeline", "--stages", *STAGES, "--repo", str(repo)], REPO, env=env)
+    assert out.stdout.splitlines() == ["prepare: up to date", "teacher: up to date"], out.stdout
+
+
+@pytest.mark.slow
 def test_failing_stage_fails_the_flow_with_its_name(repo):
+    _commit(repo, "results")
     params = repo / "params.yaml"
     good = params.read_bytes()
     junk = repo.parent / "junk.pt"
@@ -229,8 +244,7 @@ def test_failing_stage_fails_the_flow_with_its_name(repo):
     try:
         state = kd_pipeline(stages=STAGES, repo=str(repo), return_state=True)
     finally:
-        params.write_bytes(good)
-        _restore_outputs(repo)
+        _restore(repo)
     assert state.is_failed()
     assert "stage 'teacher' failed" in state.message and "kdpipe teacher: error:" in state.message, state.message
     tasks = task_runs(flow_run_id(state))
@@ -241,8 +255,7 @@ def test_failing_stage_fails_the_flow_with_its_name(repo):
 
 @pytest.mark.slow
 def test_overrides_run_as_one_recorded_experiment(repo):
-    _git(repo, "add", "-A")
-    _git(repo, "commit", "-qm", "baseline results")
+    _commit(repo, "baseline results")
     committed = (repo / "params.yaml").read_bytes()
 
     failed = kd_pipeline(stages=STAGES, overrides={"teacher.model": "no_such_model"}, repo=str(repo),
@@ -258,17 +271,16 @@ def test_overrides_run_as_one_recorded_experiment(repo):
     assert name in shown
     assert json.loads((repo / "metrics/teacher.json").read_text())["epochs_run"] == 2
     assert yaml.safe_load(committed)["teacher"]["epochs"] == 1  # git's params.yaml was never edited
-    _git(repo, "checkout", "--", ".")  # back to the baseline for the tests below
-    _restore_outputs(repo)
+    _restore(repo)  # back to the baseline for the tests below
 
 
 # ---------------------------------------------------------------- kd-sweep
 
 @pytest.mark.slow
-def test_sweep_2x2_names_the_best_point_by_validation_accuracy(repo):
+def test_sweep_2x2_two_at_a_time_names_the_best_point_by_validation_accuracy(repo):
     params_before = (repo / "params.yaml").read_bytes()
     grid = {"teacher.lr": [0.05, 0.2], "teacher.epochs": [1, 2]}
-    state = kd_sweep(grid=grid, stages=STAGES, repo=str(repo), return_state=True)
+    state = kd_sweep(grid=grid, jobs=2, stages=STAGES, repo=str(repo), return_state=True)
     assert state.is_completed(), state.message
     result = state.result()
     values = {name: point["val_accuracy"] for name, point in result["points"].items()}
@@ -356,3 +368,5 @@ def test_nightly_deployment_registers_and_a_worker_runs_it(repo, prefect_api, tm
     assert state.is_completed(), f"{state.name}: {state.message}\n{(tmp_path / 'worker.log').read_text()[-3000:]}"
     tasks = task_runs(run.id)
     assert {name: s.message for name, s in tasks.items()} == {"prepare": "up to date", "teacher": "up to date"}
+    # It ran in the checkout `prefect deploy` was run from: its MLflow parent run is in that repo's store.
+    assert mlflow_runs(repo, f"tags.prefect_flow_run_id = '{run.id}'")
