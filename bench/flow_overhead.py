@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import signal
 import statistics
 import subprocess
@@ -39,32 +38,15 @@ import yaml  # noqa: E402
 
 from flows import _dvc  # noqa: E402
 
-PROJECT_FILES = ("kdpipe", "flows", "dvc.yaml", "params.yaml", "data/raw/README.md", ".dvc/config", ".dvcignore",
-                 ".gitignore")
-
-
-def tiny(params: dict) -> dict:
-    """One epoch of small_cnn everywhere, one seed (the tests' params)."""
-    params["teacher"]["model"] = "small_cnn"
-    for section in params.values():
-        if isinstance(section, dict) and "epochs" in section:
-            section.update(epochs=1, batch_size=128, patience=0, warmup_epochs=0)
-        if isinstance(section, dict) and "seeds" in section:
-            section["seeds"] = [0]
-    return params
+sys.path.insert(0, str(REPO / "tests"))
+from projectcopy import copy_project, shrink  # noqa: E402  (the tests' clone of the project)
 
 
 def clone(dest: Path, params: str) -> Path:
     """The project files in a fresh git repo (as a clone has them), with `default` or `tiny` params."""
-    for rel in PROJECT_FILES:
-        src, dst = REPO / rel, dest / rel
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if src.is_dir():
-            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(src, dst)
+    copy_project(dest)
     if params == "tiny":
-        (dest / "params.yaml").write_text(yaml.safe_dump(tiny(yaml.safe_load((dest / "params.yaml").read_text())),
+        (dest / "params.yaml").write_text(yaml.safe_dump(shrink(yaml.safe_load((dest / "params.yaml").read_text())),
                                                          sort_keys=False))
     for cmd in (["init", "-q"], ["add", "-A"], ["-c", "user.name=bench", "-c", "user.email=b@b", "commit", "-qm", "init"]):
         subprocess.run(["git", *cmd], cwd=dest, check=True)

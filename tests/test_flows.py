@@ -11,13 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import projectcopy
 import pytest
 import yaml
 from conftest import REPO
@@ -29,8 +29,6 @@ from flows import _dvc  # noqa: E402
 from flows.pipeline import kd_pipeline, no_heartbeat, parse_set  # noqa: E402
 from flows.sweep import best_point, grid_points, kd_sweep, parse_grid  # noqa: E402
 
-PROJECT_FILES = ("kdpipe", "flows", "dvc.yaml", "params.yaml", "prefect.yaml", "data/raw/README.md",
-                 ".dvc/config", ".dvcignore", ".gitignore")
 # prepare comes along as teacher's upstream. The later stages (scratch, distill, ...) have their owners' tests;
 # that the flow finds every stage of dvc.yaml is checked by test_stage_graph_follows_dvc.
 STAGES = ["teacher"]
@@ -87,13 +85,8 @@ def _sh(cmd: list[str], cwd: Path, env: dict | None = None, timeout: int = 300) 
 
 
 def shrink(params: dict) -> dict:
-    """Tiny training everywhere: small_cnn teacher, one epoch, one seed, no system-metrics sampling."""
-    params["teacher"]["model"] = "small_cnn"
-    for section in params.values():
-        if isinstance(section, dict) and "epochs" in section:
-            section.update(epochs=1, batch_size=128, patience=0, warmup_epochs=0)
-        if isinstance(section, dict) and "seeds" in section:
-            section["seeds"] = [0]
+    """Tiny training everywhere, and no system-metrics sampling."""
+    params = projectcopy.shrink(params)
     params["tracking"]["system_metrics"] = False
     return params
 
@@ -104,14 +97,7 @@ def repo(prefect_api, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
         mp.setenv("KDPIPE_DEVICE", "cpu")
-        root = tmp_path_factory.mktemp("flows") / "repo"
-        for rel in PROJECT_FILES:
-            src, dst = REPO / rel, root / rel
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            if src.is_dir():
-                shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
-            else:
-                shutil.copy2(src, dst)
+        root = projectcopy.copy_project(tmp_path_factory.mktemp("flows") / "repo")
         params = shrink(yaml.safe_load((root / "params.yaml").read_text()))
         (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         _git(root, "init", "-q")

@@ -6,17 +6,16 @@ This is the README's `make run` path (minus venv set-up), so it is marked slow; 
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import time
 
 import mlflow
 import pytest
-from conftest import REPO, subprocess_env
+from conftest import subprocess_env
+from projectcopy import copy_project
 
 pytestmark = pytest.mark.slow
 
-PROJECT_FILES = ("kdpipe", "dvc.yaml", "params.yaml", "data/raw/README.md", ".dvc/config", ".dvcignore", ".gitignore")
 
 
 def _sh(cmd: list[str], cwd, timeout: int = 900) -> subprocess.CompletedProcess:
@@ -28,14 +27,7 @@ def _sh(cmd: list[str], cwd, timeout: int = 900) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def clone(tmp_path_factory):
     """A fresh repo holding the project files (as a clone has them), one commit, no outputs yet."""
-    root = tmp_path_factory.mktemp("clone")
-    for rel in PROJECT_FILES:
-        src, dst = REPO / rel, root / rel
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if src.is_dir():
-            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(src, dst)
+    root = copy_project(tmp_path_factory.mktemp("clone"))
     _sh(["git", "init", "-q"], root)
     _sh(["git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A"], root)
     _sh(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"], root)

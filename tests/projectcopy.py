@@ -1,0 +1,34 @@
+"""A copy of the project as a fresh clone has it (for DVC, Prefect and benchmark runs in a temp dir), and the
+tiny-training version of its params. Used by tests and by bench/flow_overhead.py."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PROJECT_FILES = ("kdpipe", "flows", "dvc.yaml", "params.yaml", "prefect.yaml", "data/raw/README.md", ".dvc/config",
+                 ".dvcignore", ".gitignore")
+
+
+def copy_project(dest: Path) -> Path:
+    """The tracked project files (no outputs, no dvc.lock) copied into `dest`."""
+    for rel in PROJECT_FILES:
+        src, dst = REPO / rel, dest / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, dst)
+    return dest
+
+
+def shrink(params: dict) -> dict:
+    """Tiny training everywhere: small_cnn teacher, one epoch, one seed."""
+    params["teacher"]["model"] = "small_cnn"
+    for section in params.values():
+        if isinstance(section, dict) and "epochs" in section:
+            section.update(epochs=1, batch_size=128, patience=0, warmup_epochs=0)
+        if isinstance(section, dict) and "seeds" in section:
+            section["seeds"] = [0]
+    return params
