@@ -37,12 +37,11 @@ def model_path(model: str, tracking_uri: str | None, download_to: str | Path) ->
 
 
 def default_tracking_uri() -> str:
-    """MLFLOW_TRACKING_URI, else the sqlite store in the current directory, as the stages default to.
+    """The store the stages default to: MLFLOW_TRACKING_URI, else the sqlite file in the current directory."""
+    from kdpipe.config import TrackingConfig
+    from kdpipe.tracking import tracking_uri
 
-    Not kdpipe.tracking.tracking_uri: that module imports kdpipe.config, which imports torch."""
-    import os
-
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+    return tracking_uri(TrackingConfig())
 
 
 def load(path: Path):

@@ -47,19 +47,14 @@ class Registration:
 
 
 def _mlflow():
-    """mlflow as tracking._import_mlflow sets it up (telemetry off, INFO chatter hushed), plus no download
-    progress bars. Not that function itself: kdpipe.tracking imports kdpipe.config, whose default objects
-    import torch when built, and `kdpipe predict` must stay torch-free."""
-    import logging
+    """mlflow as the tracking layer sets it up (telemetry off, INFO chatter hushed), without download
+    progress bars."""
     import os
 
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    os.environ.setdefault("DO_NOT_TRACK", "true")
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    import mlflow
+    from kdpipe.tracking import _import_mlflow
 
-    logging.getLogger("mlflow").setLevel(logging.WARNING)
-    return mlflow
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    return _import_mlflow()
 
 
 # ---------------------------------------------------------------------------------------------------------
