@@ -6,14 +6,7 @@ every process that loads the flows (CLI, worker, `serve`, tests); they are defau
 setting in the environment wins. They must be set before `prefect` is first imported to take effect.
 """
 
-import os
+from kdpipe.env import QUIET_ENV, quiet_defaults
 
-QUIET_ENV = {
-    "DO_NOT_TRACK": "true",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "PREFECT_LOGGING_LEVEL": "WARNING",
-    "DVC_NO_ANALYTICS": "1",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-}
-for _key, _value in QUIET_ENV.items():
-    os.environ.setdefault(_key, _value)
+__all__ = ["QUIET_ENV"]
+quiet_defaults()

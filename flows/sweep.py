@@ -83,8 +83,8 @@ def kd_sweep(grid: dict[str, list[Any]], jobs: int = 1, metric_file: str = "metr
     points = {f"{run.name}-{i}": point for i, point in enumerate(grid_points(grid), start=1)}
     sweep_run = tracking.start_parent_run(run.name, cfg, root=root, tags={
         "prefect_flow": "kd-sweep", "prefect_flow_run_id": str(run.id), "grid": json.dumps(grid)})
-    point_runs = {name: tracking.start_parent_run(name, cfg, root=root, tags={
-        "mlflow.parentRunId": sweep_run, "dvc_experiment": name, **{k: str(v) for k, v in point.items()}})
+    point_runs = {name: tracking.start_parent_run(name, cfg, root=root, parent_run_id=sweep_run, tags={
+        "dvc_experiment": name, **{k: str(v) for k, v in point.items()}})
         for name, point in points.items()}
     values: dict[str, float | None] = {}
     states: dict[str, State] = {}

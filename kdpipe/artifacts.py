@@ -16,13 +16,12 @@ from typing import Any
 import torch
 
 from kdpipe.data import DataError
+from kdpipe.errors import UserError
 
-DATASET_FILE = "dataset.pt"
-META_FILE = "meta.json"
 CHECKPOINT_KEYS = ("state_dict", "model", "in_channels", "num_classes", "mean", "std", "classes")
 
 
-class CheckpointError(Exception):
+class CheckpointError(UserError):
     """A checkpoint that cannot be used: the message names the file and what is wrong."""
 
 
@@ -67,15 +66,22 @@ def save_torch(path: str | Path, obj: Any) -> Path:
     return atomic_write_bytes(path, buf.getvalue())
 
 
-def load_prepared(folder: str | Path) -> dict:
-    """The prepare stage's output; a clear error when it is missing or not ours."""
-    path = Path(folder) / DATASET_FILE
+def load_torch(path: str | Path, error: type[UserError], *, missing: str, unreadable: str):
+    """torch.load(weights_only=True) of a file another stage wrote; `error` with a one-line message naming the
+    file when it is missing ("<path>: <missing>") or unreadable ("<path>: <unreadable> (<exception>)")."""
+    path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: not found; run the prepare stage first (dvc repro prepare)")
+        raise error(f"{path}: {missing}")
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
-        raise DataError(f"{path}: not a readable prepared dataset ({type(e).__name__})") from None
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - truncated, corrupt or foreign files raise many types
+        raise error(f"{path}: {unreadable} ({type(e).__name__}: {e})".splitlines()[0]) from None
+
+
+def load_prepared(path: str | Path) -> dict:
+    """The prepare stage's dataset file (Paths.dataset); a clear error when it is missing or not ours."""
+    data = load_torch(path, DataError, missing="not found; run the prepare stage first (dvc repro prepare)",
+                      unreadable="not a readable prepared dataset")
     missing = [k for k in ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y", "classes") if k not in data]
     if missing:
         raise DataError(f"{path}: missing {', '.join(missing)}; rerun the prepare stage")
@@ -100,13 +106,7 @@ def save_checkpoint(path: str | Path, model, *, classes: list[str], params: dict
 
 def load_checkpoint(path: str | Path) -> dict:
     """A kdpipe checkpoint dict (weights_only load); CheckpointError naming the file otherwise."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"{path}: not a loadable torch checkpoint ({type(e).__name__}: {e})".splitlines()[0]) from None
+    ckpt = load_torch(path, CheckpointError, missing="checkpoint not found", unreadable="not a loadable torch checkpoint")
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path}: expected a dict, got {type(ckpt).__name__}")
     return ckpt
@@ -143,3 +143,19 @@ def build_from_checkpoint(path: str | Path, *, fallback_model: str | None = None
         first = str(e).splitlines()[0]
         raise CheckpointError(f"{path}: weights do not fit {name}: {first}") from None
     return model, ckpt
+
+
+def load_trained(path: str | Path, digest: str, *, stage: str):
+    """(model on the CPU in eval mode, checkpoint) written by `stage` on the dataset with `digest`.
+
+    The one check every consumer of a checkpoint makes: it exists, it loads, and it was trained on the data
+    prepared now (a stale checkpoint would otherwise be evaluated or shipped against other test images).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not found; run the {stage} stage first (dvc repro {stage})")
+    model, ckpt = build_from_checkpoint(path)
+    if ckpt.get("dataset_digest") not in (None, digest):
+        raise CheckpointError(f"{path}: made for another dataset (digest {ckpt['dataset_digest'][:12]}, "
+                              f"prepared data is {digest[:12]}); rerun the {stage} stage (dvc repro {stage})")
+    return model.cpu().eval(), ckpt

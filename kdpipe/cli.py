@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-EXIT_USER_ERROR = 2
+from kdpipe.errors import EXIT_USER_ERROR
 
 
 def check_params(path: str | None) -> int:
@@ -48,7 +48,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kdpipe", description="Knowledge-distillation pipeline tools.")
     sub = parser.add_subparsers(dest="command", required=True)
     check = sub.add_parser("check-params", help="validate a params file (exit 2 and one line if bad)")
-    # No default object here: kdpipe.config imports torch, and `kdpipe predict` must not.
     check.add_argument("file", nargs="?", default=None, help="params file (default params.yaml)")
     lst = sub.add_parser("list", help="list models or losses")
     lst.add_argument("what", choices=["models", "losses"])

@@ -2,6 +2,8 @@
 
 Every section is a pydantic model with ``extra="forbid"`` so a typo fails instead of being ignored, and every
 error is reported as one line naming the key path (``teacher.lr: must be > 0, got -1``) before any work runs.
+Names that a module implements (datasets, models, loss presets, curriculum orderings and pacings) are checked
+against that module's own table, imported only when params are validated: one list each, and a cheap import.
 """
 
 from __future__ import annotations
@@ -13,10 +15,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from kdpipe.errors import UserError
+
 DEFAULT_PARAMS = "params.yaml"
 
 
-class ConfigError(Exception):
+class ConfigError(UserError):
     """Bad params: the message is one line that names the key path."""
 
 
@@ -24,8 +28,13 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _one_of(key: str, value: str, known) -> None:
+    if value not in known:
+        raise ValueError(f"{key}: must be one of {', '.join(repr(k) for k in known)}, got {value!r}")
+
+
 class DataConfig(_Section):
-    dataset: Literal["digits", "fashion_mnist", "cifar10", "cifar100", "imagefolder"] = "digits"
+    dataset: str = "digits"  # a key of datasets.LOADERS
     folder: str | None = None  # imagefolder only: a folder of class/image files, e.g. data/raw/pets
     image_size: int | None = Field(default=None, ge=4, le=1024)  # imagefolder only: square resize
     val_fraction: float = Field(default=0.15, gt=0, lt=1)
@@ -35,6 +44,9 @@ class DataConfig(_Section):
 
     @model_validator(mode="after")
     def _imagefolder_needs_folder_and_size(self) -> DataConfig:
+        from kdpipe.datasets import DATASETS
+
+        _one_of("dataset", self.dataset, DATASETS)
         if self.dataset == "imagefolder":
             if not self.folder:
                 raise ValueError("folder: required when dataset is imagefolder")
@@ -115,7 +127,7 @@ class StudentConfig(TrainConfig):
 class DistillConfig(_Section):
     """The distillation loss: a named preset of term weights, optionally overridden term by term."""
 
-    method: Literal["kd", "seed", "mse", "fitnet", "at", "dkd", "ce"] = "kd"
+    method: str = "kd"  # a key of losses.PRESETS
     weights: dict[str, float] = Field(default_factory=dict)  # e.g. {kd: 0.5, ce: 0.5}; merged over the preset
     temperature: float = Field(default=4.0, gt=0, le=100)
     focal_gamma: float | None = Field(default=None, ge=0, le=10)  # CE → focal loss (Lin et al. 2017)
@@ -131,8 +143,9 @@ class DistillConfig(_Section):
 
     @model_validator(mode="after")
     def _check_weights(self) -> DistillConfig:
-        from kdpipe.losses import LOSSES, validate_weights
+        from kdpipe.losses import LOSSES, PRESETS, validate_weights
 
+        _one_of("method", self.method, PRESETS)
         try:
             validate_weights(self.resolved_weights(), self.temperature)
         except ValueError as e:
@@ -150,11 +163,19 @@ class CurriculumConfig(_Section):
     """Present training samples easy → hard by teacher difficulty (Bengio et al. 2009)."""
 
     enabled: bool = False
-    ordering: Literal["easy_to_hard", "hard_to_easy", "random"] = "easy_to_hard"
-    pacing: Literal["linear", "root", "step", "geometric"] = "linear"
+    ordering: str = "easy_to_hard"  # a key of curriculum.ORDERINGS
+    pacing: str = "linear"  # a key of curriculum.PACINGS
     start_fraction: float = Field(default=0.3, gt=0, le=1)  # share of the easiest samples at epoch 1
     full_at: float = Field(default=0.5, gt=0, le=1)  # share of student.epochs after which all samples are used
     steps: int = Field(default=4, ge=2)  # levels of the step pacing
+
+    @model_validator(mode="after")
+    def _known_names(self) -> CurriculumConfig:
+        from kdpipe.curriculum import ORDERINGS, PACINGS
+
+        _one_of("ordering", self.ordering, ORDERINGS)
+        _one_of("pacing", self.pacing, PACINGS)
+        return self
 
 
 class ExportConfig(_Section):

@@ -1,7 +1,7 @@
 """`kdpipe predict`: top-k classes of images with an exported model, using onnxruntime, PIL and numpy only.
 
-No torch here, nor any kdpipe module that imports it (kdpipe.config does, through its default objects):
-this is the path a model takes outside the training environment. A registry URI (models:/name@alias, models:/name/3) is downloaded with mlflow first, through
+No torch here, nor any kdpipe module that imports it: this is the path a model takes outside the training
+environment. A registry URI (models:/name@alias, models:/name/3) is downloaded with mlflow first, through
 kdpipe.registry. Everything the model needs is in the ONNX file's metadata: class names, the input size
 C×H×W, and the contract float32 (N, C, H, W) in [0, 1] with normalisation inside the graph.
 """
@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-EXIT_USER_ERROR = 2
+from kdpipe.errors import EXIT_USER_ERROR, UserError
 
 
-class PredictError(Exception):
+class PredictError(UserError):
     """Bad model or image: one line naming it."""
 
 

@@ -1,8 +1,8 @@
 """MLflow model registry: versions, tags, the candidate/champion aliases, and fetching registered files back.
 
 Part of the tracking layer: with kdpipe/tracking.py, this is the only code that imports mlflow. It imports it
-inside functions and imports no other kdpipe module, so it pulls in neither mlflow at import nor torch ever:
-`kdpipe predict` downloads registered models through it without torch.
+inside functions, through `tracking.import_mlflow`, and never imports torch: `kdpipe predict` downloads
+registered models through it without torch.
 
 The promotion rule (`champion_decision`), applied to every new version of a registered model:
   * `candidate` always moves to the new version: it is "the latest export that passed its checks";
@@ -51,10 +51,10 @@ def _mlflow():
     progress bars."""
     import os
 
-    from kdpipe.tracking import _import_mlflow
+    from kdpipe.tracking import import_mlflow
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    return _import_mlflow()
+    return import_mlflow()
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -48,12 +48,14 @@ def _set_uri(mlflow, uri: str) -> None:
     _MLFLOW_SET["uri"] = uri
 
 
-def _import_mlflow():
-    """mlflow, imported quietly: telemetry off, and its INFO chatter (which it configures on import) hushed."""
+def import_mlflow():
+    """mlflow, imported quietly: telemetry off, and its INFO chatter (which it configures on import) hushed.
+    The tracking layer (this module and registry) gets mlflow only through here."""
     import logging
 
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    os.environ.setdefault("DO_NOT_TRACK", "true")
+    from kdpipe.env import quiet_defaults
+
+    quiet_defaults()
     import mlflow
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)
@@ -127,7 +129,7 @@ def stage_run(
     stage: str, cfg: Config, *, tags: dict[str, str] | None = None, root: Path | None = None
 ) -> Iterator[StageRun]:
     """Start the MLflow run of one stage execution: flattened params, git/stage tags, system metrics."""
-    mlflow = _import_mlflow()
+    mlflow = import_mlflow()
 
     root = (root or Path.cwd()).resolve()
     _set_uri(mlflow, tracking_uri(cfg.tracking, root))
@@ -150,25 +152,31 @@ def stage_run(
 
 
 def start_parent_run(name: str, cfg: Config, *, tags: dict[str, str] | None = None,
-                     root: Path | None = None) -> str:
+                     root: Path | None = None, parent_run_id: str | None = None) -> str:
     """Open the run that a pipeline execution's stage runs nest under; returns its id.
 
-    The caller passes the id to the stage processes through ``KDPIPE_PARENT_RUN_ID`` and ends the run with
+    With `parent_run_id` it nests under that run (a sweep's points under the sweep). The caller passes the id
+    to the stage processes through ``KDPIPE_PARENT_RUN_ID`` and ends the run with
     :func:`end_parent_run`. The run is not left active in this process, so nothing logs into it by accident.
     """
-    mlflow = _import_mlflow()
+    mlflow = import_mlflow()
 
     root = (root or Path.cwd()).resolve()
     client = mlflow.MlflowClient(tracking_uri(cfg.tracking, root))
     _set_uri(mlflow, tracking_uri(cfg.tracking, root))
     experiment_id = _experiment_id(mlflow, cfg.tracking.experiment, root)
-    run = client.create_run(experiment_id, run_name=name, tags={**git_facts(root), **(tags or {})})
+    nested = {}
+    if parent_run_id:  # a sweep point under its sweep: MLflow's own nesting tag, as start_run(nested=True) sets
+        from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+        nested = {MLFLOW_PARENT_RUN_ID: parent_run_id}
+    run = client.create_run(experiment_id, run_name=name, tags={**git_facts(root), **(tags or {}), **nested})
     return run.info.run_id
 
 
 def end_parent_run(run_id: str, cfg: Config, *, ok: bool, tags: dict[str, str] | None = None,
                    metrics: dict[str, float] | None = None, root: Path | None = None) -> None:
-    mlflow = _import_mlflow()
+    mlflow = import_mlflow()
 
     client = mlflow.MlflowClient(tracking_uri(cfg.tracking, (root or Path.cwd()).resolve()))
     for key, value in (tags or {}).items():

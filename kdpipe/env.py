@@ -1,0 +1,21 @@
+"""Quiet, offline-safe defaults for the tools kdpipe drives (MLflow, Prefect, DVC), in one place.
+
+They are defaults only (an explicit setting in the environment wins) and must be in place before the tool is
+first imported. Imports nothing heavy, so flows and the torch-free commands can use it.
+"""
+
+import os
+
+QUIET_ENV = {
+    "DO_NOT_TRACK": "true",
+    "MLFLOW_DISABLE_TELEMETRY": "true",  # DO_NOT_TRACK=1 is not enough for MLflow; "true" is
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_LOGGING_LEVEL": "WARNING",
+    "DVC_NO_ANALYTICS": "1",
+}
+
+
+def quiet_defaults() -> None:
+    """Set every QUIET_ENV variable that the environment does not already set."""
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
