@@ -8,12 +8,20 @@ Learning in Training Deep Networks": at each epoch the first `pacing(epoch)` fra
 is used.
 """
 
+from __future__ import annotations
+
 import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+if TYPE_CHECKING:
+    from kdpipe.config import CurriculumConfig
+
+# The one list of each (params' curriculum.ordering and curriculum.pacing are checked against them).
 ORDERINGS: tuple[str, ...] = ("easy_to_hard", "hard_to_easy", "random")
 PACINGS: tuple[str, ...] = ("linear", "root", "step", "geometric")
 
@@ -83,3 +91,17 @@ def epoch_subset(ordered_idx: Tensor, fraction: float) -> Tensor:
     # Round first so that float noise (0.3·10 = 3.0000000000000004) does not add a sample.
     count = max(1, math.ceil(round(fraction * n, 9)))
     return ordered_idx[: min(count, n)]
+
+
+def epoch_pools(cfg: CurriculumConfig, difficulty: Tensor, epochs: int, seed: int) -> Callable[[int], Tensor]:
+    """epoch → train positions available that epoch: the easiest (per `ordering`) fraction given by the
+    pacing function, growing from `start_fraction` to all samples at epoch ceil(full_at · epochs)."""
+    ordered = order(difficulty, cfg.ordering, seed)
+    full_epoch = max(1, math.ceil(cfg.full_at * epochs))
+
+    def pool(epoch: int) -> Tensor:
+        fraction = pacing(epoch, kind=cfg.pacing, start_fraction=cfg.start_fraction, full_epoch=full_epoch,
+                          steps=cfg.steps)
+        return epoch_subset(ordered, fraction)
+
+    return pool

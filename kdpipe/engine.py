@@ -14,24 +14,15 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from kdpipe import losses
 from kdpipe.config import TrainConfig
-from kdpipe.data import augment_batch, to_float
+from kdpipe.data import Split, augment_batch, to_float
 from kdpipe.runtime import Runtime
 
 # (model, float images (B, C, H, W) augmented, labels (B,), train positions (B,)) -> (logits, parts incl. "loss")
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict]]
-
-
-@dataclass(frozen=True)
-class Split:
-    x: torch.Tensor  # uint8 (N, C, H, W), on the training device or on the host for streamed data
-    y: torch.Tensor  # int64 (N,), same device as x
-
-    def __len__(self) -> int:
-        return len(self.y)
 
 
 @dataclass
@@ -43,13 +34,23 @@ class FitResult:
     stopped_early: bool = False
 
 
+@dataclass
+class Objective:
+    """What a stage adds to the plain recipe: the loss (default cross-entropy), modules trained alongside the
+    model (a FitNets adapter), and `epoch_pool(epoch)`, the train positions an epoch may draw from (the
+    curriculum; default all)."""
+
+    loss_fn: LossFn | None = None
+    extra_modules: list[nn.Module] = field(default_factory=list)
+    epoch_pool: Callable[[int], torch.Tensor] | None = None
+
+
 def cross_entropy_loss(label_smoothing: float = 0.0) -> LossFn:
     """The plain supervised loss, used by the teacher and the scratch student."""
 
     def loss_fn(model, x, y, idx):
         logits = model(x)
-        loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
-        return logits, {"loss": loss}
+        return logits, {"loss": losses.cross_entropy(logits, y, label_smoothing)}
 
     return loss_fn
 
@@ -97,13 +98,11 @@ def predict(model: nn.Module, x: torch.Tensor, rt: Runtime, batch_size: int = 51
     return torch.cat(out) if out else torch.empty(0)
 
 
-def evaluate(model: nn.Module, split: Split, rt: Runtime) -> dict[str, float]:
+def score(model: nn.Module, split: Split, rt: Runtime) -> dict[str, float]:
+    """Mean cross-entropy and top-1 accuracy of `model` on a split (validation during training)."""
     logits = predict(model, split.x, rt)
     y = split.y.cpu()
-    return {
-        "loss": F.cross_entropy(logits, y).item(),
-        "accuracy": (logits.argmax(1) == y).float().mean().item(),
-    }
+    return {"loss": losses.cross_entropy(logits, y).item(), "accuracy": (logits.argmax(1) == y).float().mean().item()}
 
 
 def fit(
@@ -114,34 +113,26 @@ def fit(
     rt: Runtime,
     *,
     seed: int,
-    loss_fn: LossFn | None = None,
-    epoch_pool: Callable[[int], torch.Tensor] | None = None,
-    extra_modules: Iterable[nn.Module] = (),
+    objective: Objective | None = None,
     on_epoch: Callable[[dict], None] | None = None,
     desc: str = "train",
     restore_best: bool = True,
 ) -> FitResult:
     """Train `model` in place with cfg's recipe; early-stop on val accuracy and restore the best weights.
 
-    `epoch_pool(epoch)` returns the train positions an epoch may draw from (the curriculum); default all.
-    `extra_modules` are trained alongside (e.g. a FitNets adapter). The test split is never seen here.
-    `restore_best=False` keeps the last weights (a warm-up phase whose val accuracy means nothing).
+    The test split is never seen here. `restore_best=False` keeps the last weights (a warm-up phase whose
+    val accuracy means nothing).
     """
-    loss_fn = loss_fn or cross_entropy_loss(cfg.label_smoothing)
-    extra_modules = list(extra_modules)
-    params = [p for m in [model, *extra_modules] for p in m.parameters() if p.requires_grad]
-    opt = make_optimizer(params, cfg)
-    shuffle_gen = torch.Generator().manual_seed(seed)
-    aug_gen = rt.generator(seed + 1)
+    objective = objective or Objective()
+    trainer = _Trainer.build(model, cfg, rt, seed, objective)
     all_idx = torch.arange(len(train))
     result, best_state, best_key = FitResult(), None, (-1.0, 0.0)
     bar = _progress(cfg.epochs, desc)
     for epoch in range(cfg.epochs):
-        pool = epoch_pool(epoch) if epoch_pool else all_idx
+        pool = objective.epoch_pool(epoch) if objective.epoch_pool else all_idx
         t0 = time.perf_counter()
-        row = {"epoch": epoch + 1}
-        row.update(_train_epoch(model, extra_modules, train, pool, cfg, rt, opt, loss_fn, epoch, shuffle_gen, aug_gen))
-        val_metrics = evaluate(model, val, rt)
+        row = {"epoch": epoch + 1, **trainer.train_epoch(train, pool, epoch)}
+        val_metrics = score(model, val, rt)
         row.update(val_loss=val_metrics["loss"], val_accuracy=val_metrics["accuracy"])
         row.update(seconds=time.perf_counter() - t0, train_samples=len(pool))
         result.history.append(row)
@@ -149,7 +140,7 @@ def fit(
         key = (row["val_accuracy"], -row["val_loss"])
         if key > best_key:
             best_key, result.best_epoch, result.best_val_accuracy = key, epoch + 1, row["val_accuracy"]
-            best_state = _snapshot(model, extra_modules)
+            best_state = _snapshot(trainer.modules)
         bar(row)
         if on_epoch:
             on_epoch(row)
@@ -157,47 +148,72 @@ def fit(
             result.stopped_early = True
             break
     if restore_best:
-        _restore(model, extra_modules, best_state)
+        _restore(trainer.modules, best_state)
     return result
 
 
-def _train_epoch(model, extra_modules, train, pool, cfg, rt, opt, loss_fn, epoch, shuffle_gen, aug_gen) -> dict:
-    """One pass over `pool`; returns the epoch's mean loss parts, train accuracy and last lr."""
-    for m in [model, *extra_modules]:
-        m.train()
-    n_batches = max(1, math.ceil(len(pool) / cfg.batch_size))
-    sums: dict[str, float] = {}
-    correct = seen = 0
-    for i, idx in enumerate(_batches(pool, cfg.batch_size, shuffle_gen)):
-        lr = cfg.lr * lr_factor(epoch + i / n_batches, cfg)
-        for group in opt.param_groups:
+@dataclass
+class _Trainer:
+    """What one fit() carries from step to step: the modules, their optimizer, the loss and the generators."""
+
+    modules: list[nn.Module]  # the model first, then the objective's extra modules
+    opt: torch.optim.Optimizer
+    loss_fn: LossFn
+    cfg: TrainConfig
+    rt: Runtime
+    shuffle_gen: torch.Generator  # on the host: the batch order
+    aug_gen: torch.Generator  # on the training device: crops and flips
+
+    @classmethod
+    def build(cls, model: nn.Module, cfg: TrainConfig, rt: Runtime, seed: int, objective: Objective) -> _Trainer:
+        modules = [model, *objective.extra_modules]
+        params = [p for m in modules for p in m.parameters() if p.requires_grad]
+        return cls(modules, make_optimizer(params, cfg), objective.loss_fn or cross_entropy_loss(cfg.label_smoothing),
+                   cfg, rt, torch.Generator().manual_seed(seed), rt.generator(seed + 1))
+
+    def train_epoch(self, train: Split, pool: torch.Tensor, epoch: int) -> dict:
+        """One pass over `pool`; returns the epoch's mean loss parts, train accuracy and last lr."""
+        for m in self.modules:
+            m.train()
+        cfg = self.cfg
+        n_batches = max(1, math.ceil(len(pool) / cfg.batch_size))
+        sums: dict[str, torch.Tensor] = {}
+        correct = seen = 0
+        for i, idx in enumerate(_batches(pool, cfg.batch_size, self.shuffle_gen)):
+            lr = cfg.lr * lr_factor(epoch + i / n_batches, cfg)
+            logits, y, parts = self.step(train, idx, lr)
+            for name, value in parts.items():  # sums as tensors: one host sync per epoch, not per step
+                sums[name] = sums.get(name, 0.0) + value.detach().float() * len(idx)
+            correct += (logits.argmax(1) == y).sum()
+            seen += len(idx)
+        row = {f"train_{k}": (v / max(seen, 1)).item() for k, v in sums.items()}
+        row["train_accuracy"] = float(correct) / max(seen, 1)
+        row["lr"] = lr
+        return row
+
+    def step(self, train: Split, idx: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """One optimizer step on the batch at train positions `idx`, augmented on the device."""
+        for group in self.opt.param_groups:
             group["lr"] = lr
         dev_idx = idx.to(train.x.device)
-        x = to_float(train.x[dev_idx].to(rt.device, non_blocking=True))
-        x = augment_batch(x, cfg.crop_padding, cfg.flip, generator=aug_gen)
-        y = train.y[dev_idx].to(rt.device, non_blocking=True)
-        with rt.autocast():
-            logits, parts = loss_fn(model, x, y, idx)
-        opt.zero_grad(set_to_none=True)
+        x = to_float(train.x[dev_idx].to(self.rt.device, non_blocking=True))
+        x = augment_batch(x, self.cfg.crop_padding, self.cfg.flip, generator=self.aug_gen)
+        y = train.y[dev_idx].to(self.rt.device, non_blocking=True)
+        with self.rt.autocast():
+            logits, parts = self.loss_fn(self.modules[0], x, y, idx)
+        self.opt.zero_grad(set_to_none=True)
         parts["loss"].backward()
-        opt.step()
-        for name, value in parts.items():  # sums as tensors: one host sync per epoch, not per step
-            sums[name] = sums.get(name, 0.0) + value.detach().float() * len(idx)
-        correct += (logits.argmax(1) == y).sum()
-        seen += len(idx)
-    row = {f"train_{k}": (v / max(seen, 1)).item() for k, v in sums.items()}
-    row["train_accuracy"] = float(correct) / max(seen, 1)
-    row["lr"] = lr
-    return row
+        self.opt.step()
+        return logits, y, parts
 
 
-def _snapshot(model: nn.Module, extra_modules: list[nn.Module]) -> list[dict]:
-    return [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in [model, *extra_modules]]
+def _snapshot(modules: list[nn.Module]) -> list[dict]:
+    return [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in modules]
 
 
-def _restore(model: nn.Module, extra_modules: list[nn.Module], state: list[dict] | None) -> None:
+def _restore(modules: list[nn.Module], state: list[dict] | None) -> None:
     if state is not None:
-        for m, s in zip([model, *extra_modules], state, strict=True):
+        for m, s in zip(modules, state, strict=True):
             m.load_state_dict(s)
 
 

@@ -1,4 +1,5 @@
-"""What every stage's thin main() shares: params path, user errors as one line + exit code 2, data placement."""
+"""What every stage shares: the thin main() (params path, user errors as one line + exit code 2), the start of
+its work (runtime, paths, prepared data) and its MLflow tags."""
 
 from __future__ import annotations
 
@@ -6,14 +7,12 @@ import argparse
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cached_property
 
-from kdpipe.artifacts import CheckpointError
-from kdpipe.config import DEFAULT_PARAMS, Config, ConfigError, load
-from kdpipe.data import DataError
-
-# Errors caused by the user's input (params, data, checkpoints): reported as one line, exit code 2.
-USER_ERRORS = (ConfigError, DataError, CheckpointError)
-EXIT_USER_ERROR = 2
+from kdpipe.config import DEFAULT_PARAMS, Config, load
+from kdpipe.errors import EXIT_USER_ERROR, UserError
+from kdpipe.paths import Paths
 
 
 def run_stage(stage: str, work: Callable[[Config], object], argv: list[str] | None = None) -> int:
@@ -22,25 +21,47 @@ def run_stage(stage: str, work: Callable[[Config], object], argv: list[str] | No
     parser.add_argument("--params", default=os.environ.get("KDPIPE_PARAMS", DEFAULT_PARAMS))
     args = parser.parse_args(argv)
     try:
-        cfg = load(args.params)
-        work(cfg)
-    except USER_ERRORS as e:
+        work(load(args.params))
+    except UserError as e:
         print(f"kdpipe {stage}: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     return 0
 
 
-def place_splits(prepared: dict, rt, *, stream: bool):
-    """Splits as engine.Split: on the training device, or left on the host and streamed batch by batch
-    (pinned for fast copies) when the dataset may not fit device memory (imagefolder)."""
-    from kdpipe.engine import Split
+@dataclass(frozen=True)
+class StageContext:
+    """What a training or evaluating stage starts from: params, runtime, file names, the prepared data."""
 
-    def split(name: str) -> Split:
-        x, y = prepared[f"{name}_x"], prepared[f"{name}_y"]
-        if stream:
-            if rt.device.type == "cuda":
-                x, y = x.pin_memory(), y.pin_memory()
-            return Split(x, y)
-        return Split(x.to(rt.device), y.to(rt.device))
+    cfg: Config
+    rt: object  # runtime.Runtime (not imported here: it pulls in torch)
+    paths: Paths
+    prepared: dict
 
-    return split("train"), split("val"), split("test")
+    @property
+    def digest(self) -> str:
+        return self.prepared["digest"]
+
+    @cached_property
+    def splits(self):
+        """(train, val, test) as data.Split, placed once for training (streamed from the host for imagefolder)."""
+        from kdpipe.data import place_splits
+
+        return place_splits(self.prepared, self.rt.device, stream=self.cfg.data.dataset == "imagefolder")
+
+    def tags(self, **extra) -> dict[str, str]:
+        """MLflow tags every stage run carries: dataset, digest, device facts, plus the stage's own."""
+        from kdpipe.runtime import device_facts
+
+        return {"dataset": self.cfg.data.dataset, "dataset_digest": self.digest, **device_facts(self.rt),
+                **{k: str(v) for k, v in extra.items()}}
+
+
+def start(cfg: Config) -> StageContext:
+    """Seed, device and threads set once (runtime.setup), then the prepared data loaded and checked."""
+    from kdpipe import runtime
+    from kdpipe.artifacts import load_prepared
+
+    paths = Paths(cfg.paths)
+    rt = runtime.setup(cfg.seed)
+    return StageContext(cfg, rt, paths, load_prepared(paths.dataset))
+

@@ -8,32 +8,21 @@ import statistics
 
 import pytest
 import torch
-from conftest import tiny_params, write_params
+from conftest import SEEDS, tiny_params, write_params
 from sklearn.metrics import f1_score
 
-from kdpipe import cli, config, kd
+from kdpipe import cli, config, curriculum
+from kdpipe import distillation as kd
 from kdpipe.artifacts import build_from_checkpoint
 from kdpipe.losses import PRESETS
 from kdpipe.models import build_model
-from kdpipe.stages import distill, evaluate, prepare, scratch, teacher
-
-SEEDS = [0, 1]
+from kdpipe.stages import distill, evaluate, scratch, teacher
 
 
-@pytest.fixture(scope="module")
-def done(tmp_path_factory):
-    """The five stages once, in-process, on digits with a 2-epoch recipe and two student seeds."""
-    work = tmp_path_factory.mktemp("distill")
-    mp = pytest.MonkeyPatch()
-    mp.chdir(work)
-    mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-    params = tiny_params(work)
-    params["student"].update(model="tiny_cnn", seeds=SEEDS)
-    cfg = config.from_dict(params)
-    for stage in (prepare, teacher, scratch, distill, evaluate):
-        stage.run(cfg)
-    yield work, cfg
-    mp.undo()
+@pytest.fixture
+def done(tiny_pipeline):
+    """The session's tiny pipeline (conftest): every stage once, in-process, two student seeds."""
+    return tiny_pipeline.work, tiny_pipeline.cfg
 
 
 def _test_accuracy(path, data) -> float:
@@ -140,7 +129,7 @@ def test_every_preset_trains_a_real_student(method):
 def test_curriculum_pool_grows_easy_to_hard():
     difficulty = torch.tensor([5.0, 0.1, 3.0, 0.2, 9.0, 1.0, 0.3, 2.0, 4.0, 0.05])
     cfg = config.CurriculumConfig(enabled=True, start_fraction=0.3, full_at=0.5)
-    pool = kd.curriculum_pool(cfg, difficulty, epochs=6, seed=0)
+    pool = curriculum.epoch_pools(cfg, difficulty, epochs=6, seed=0)
     assert pool(0).tolist() == [9, 1, 3]  # the three easiest
     assert len(pool(1)) > 3 and len(pool(3)) == 10 and len(pool(5)) == 10
 

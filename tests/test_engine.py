@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from kdpipe import runtime
 from kdpipe.config import StudentConfig
-from kdpipe.engine import Split, evaluate, fit, lr_factor
+from kdpipe.data import Split
+from kdpipe.engine import Objective, fit, lr_factor, score
 from kdpipe.models import build_model
 
 
@@ -53,7 +54,7 @@ def test_fit_learns_and_is_deterministic_on_cpu(rt):
         runtime.seed_everything(0)
         model = build_model("small_cnn", 1, 2)
         result = fit(model, train, val, _cfg(), rt, seed=0)
-        runs.append((result.history, evaluate(model, val, rt)))
+        runs.append((result.history, score(model, val, rt)))
     (hist_a, val_a), (hist_b, val_b) = runs
     assert val_a["accuracy"] > 0.9
     assert [r["train_loss"] for r in hist_a] == [r["train_loss"] for r in hist_b]
@@ -71,7 +72,7 @@ def test_early_stopping_stops_after_patience_when_nothing_improves(rt):
         return logits, {"loss": logits.sum() * 0.0}
 
     result = fit(model, train, val, _cfg(epochs=20, patience=3, momentum=0.0, nesterov=False), rt, seed=0,
-                 loss_fn=no_signal)
+                 objective=Objective(no_signal))
     assert result.best_epoch == 1
     assert result.epochs_run == 4 and result.stopped_early
 
@@ -90,10 +91,10 @@ def test_best_weights_are_restored(rt):
         sabotage = calls["seen"] > len(train)  # after the first epoch
         return logits, {"loss": -10 * loss if sabotage else loss}
 
-    result = fit(model, train, val, _cfg(epochs=4, lr=0.1), rt, seed=0, loss_fn=learn_then_sabotage)
+    result = fit(model, train, val, _cfg(epochs=4, lr=0.1), rt, seed=0, objective=Objective(learn_then_sabotage))
     best = result.history[result.best_epoch - 1]
     assert result.history[-1]["val_accuracy"] < best["val_accuracy"]
-    assert evaluate(model, val, rt)["accuracy"] == pytest.approx(best["val_accuracy"])
+    assert score(model, val, rt)["accuracy"] == pytest.approx(best["val_accuracy"])
 
 
 def test_epoch_pool_limits_samples_and_trains_extra_modules(rt):
@@ -107,7 +108,7 @@ def test_epoch_pool_limits_samples_and_trains_extra_modules(rt):
         logits = extra(model(x))
         return logits, {"loss": F.cross_entropy(logits, y)}
 
-    result = fit(model, train, val, _cfg(epochs=2), rt, seed=0, loss_fn=with_extra,
-                 epoch_pool=lambda epoch: torch.arange(40), extra_modules=[extra])
+    objective = Objective(with_extra, extra_modules=[extra], epoch_pool=lambda epoch: torch.arange(40))
+    result = fit(model, train, val, _cfg(epochs=2), rt, seed=0, objective=objective)
     assert [r["train_samples"] for r in result.history] == [40, 40]
     assert not torch.equal(before, extra.weight)

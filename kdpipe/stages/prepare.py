@@ -10,7 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-from kdpipe.artifacts import DATASET_FILE, META_FILE, save_torch, write_json
 from kdpipe.config import Config
 
 STAGE = "prepare"
@@ -25,7 +24,8 @@ def dataset_root(cfg: Config) -> Path:
 
 def prepare(cfg: Config) -> dict:
     """Worker: load, split and summarise the configured dataset (no files written)."""
-    from kdpipe.data import load_raw, prepare_dataset, subset
+    from kdpipe.data import prepare_dataset, subset
+    from kdpipe.datasets import load_raw
 
     raw = load_raw(cfg.data.dataset, dataset_root(cfg), image_size=cfg.data.image_size,
                    download=cfg.data.download)
@@ -51,17 +51,19 @@ def summary(prepared: dict, cfg: Config) -> dict:
 
 def run(cfg: Config) -> dict:
     from kdpipe import tracking
+    from kdpipe.artifacts import save_torch, write_json
+    from kdpipe.paths import Paths
 
     t0 = time.perf_counter()
     prepared = prepare(cfg)
     meta = summary(prepared, cfg)
-    out = Path(cfg.paths.prepared)
+    paths = Paths(cfg.paths)
     with tracking.stage_run(STAGE, cfg, tags={"dataset": cfg.data.dataset, "dataset_digest": meta["digest"]}) as run:
-        save_torch(out / DATASET_FILE, {**prepared, "params": meta["params"]})
-        write_json(out / META_FILE, meta)
+        save_torch(paths.dataset, {**prepared, "params": meta["params"]})
+        write_json(paths.dataset_meta, meta)
         run.log_metrics({f"{s}_size": n for s, n in meta["sizes"].items()})
         run.log_metrics({"num_classes": len(meta["classes"]), "seconds": time.perf_counter() - t0})
-        run.log_artifact(out / META_FILE)
+        run.log_artifact(paths.dataset_meta)
     print(f"prepare: {cfg.data.dataset} {meta['sizes']} digest {meta['digest'][:12]}", file=sys.stderr)
     return meta
 

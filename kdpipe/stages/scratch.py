@@ -14,11 +14,11 @@ STAGE = "scratch"
 
 
 def run(cfg: Config) -> dict:
-    from kdpipe.students import run_student_stage
+    from kdpipe import seeds, stagekit
 
     params = {"seed": cfg.seed, "data": cfg.data.model_dump(mode="json"),
               "student": cfg.student.model_dump(mode="json")}
-    return run_student_stage(STAGE, cfg, params=params, tags={"method": "ce"})
+    return seeds.student_stage(STAGE, stagekit.start(cfg), params=params, tags={"method": "ce"})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,7 +23,7 @@ def train_teacher(cfg: Config, prepared: dict, rt, splits, on_epoch=None):
     from kdpipe.engine import fit
     from kdpipe.models import build_model
 
-    c, h, w = prepared["image_shape"]
+    c = prepared["image_shape"][0]
     model = build_model(cfg.teacher.model, c, len(prepared["classes"]), mean=prepared["mean"], std=prepared["std"])
     model.to(rt.device)
     train, val, _ = splits
@@ -83,52 +83,61 @@ def save_teacher_outputs(path: Path, model, train, rt, digest: str) -> None:
                       "dataset_digest": digest})
 
 
-def run(cfg: Config) -> dict:
-    from kdpipe import runtime, tracking
-    from kdpipe.artifacts import load_prepared, save_checkpoint, write_csv, write_json
-    from kdpipe.engine import FitResult, evaluate
+def teacher_metrics(ctx, model, result, train_seconds: float, params: dict) -> dict:
+    """metrics/teacher.json: the restored best teacher scored on val and test, and how it was obtained."""
+    from kdpipe.engine import score
     from kdpipe.models import count_parameters
-    from kdpipe.stagekit import place_splits
 
-    rt = runtime.setup(cfg.seed)
-    prepared = load_prepared(cfg.paths.prepared)
-    splits = place_splits(prepared, rt, stream=cfg.data.dataset == "imagefolder")
+    _, val, test = ctx.splits
+    val_m, test_m = score(model, val, ctx.rt), score(model, test, ctx.rt)
+    return {
+        "val_accuracy": val_m["accuracy"], "test_accuracy": test_m["accuracy"],
+        "val_loss": val_m["loss"], "test_loss": test_m["loss"],
+        "epochs_run": result.epochs_run, "best_epoch": result.best_epoch,
+        "stopped_early": result.stopped_early, "train_seconds": round(train_seconds, 2),
+        "num_parameters": count_parameters(model), "model": model.name, "source": ctx.cfg.teacher.source,
+        "dataset_digest": ctx.digest, "params": params,
+    }
+
+
+def write_outputs(ctx, model, result, metrics: dict) -> None:
+    """models/teacher.pt, models/teacher_outputs.pt, metrics/teacher.json, plots/teacher.csv."""
+    from kdpipe.artifacts import save_checkpoint, write_csv, write_json
+
+    paths = ctx.paths
+    save_checkpoint(paths.teacher, model, classes=ctx.prepared["classes"], params=metrics["params"],
+                    extra={"dataset_digest": ctx.digest,
+                           "metrics": {k: metrics[k] for k in ("val_accuracy", "test_accuracy")}})
+    save_teacher_outputs(paths.teacher_outputs, model, ctx.splits[0], ctx.rt, ctx.digest)
+    write_json(paths.metrics(STAGE), metrics)
+    write_csv(paths.curves(STAGE), result.history or [{"epoch": 0}])
+
+
+def run(cfg: Config) -> dict:
+    from kdpipe import stagekit, tracking
+    from kdpipe.engine import FitResult
+
+    ctx = stagekit.start(cfg)
     bring = {"checkpoint": bring_teacher, "registry": registry_teacher}.get(cfg.teacher.source)
-    brought = bring(cfg, prepared).to(rt.device) if bring else None
+    brought = bring(cfg, ctx.prepared).to(ctx.rt.device) if bring else None
     params = {"seed": cfg.seed, "data": cfg.data.model_dump(mode="json"), "teacher": cfg.teacher.model_dump(mode="json")}
-    tags = {"dataset": cfg.data.dataset, "dataset_digest": prepared["digest"], "teacher_source": cfg.teacher.source,
-            "model": cfg.teacher.model, **runtime.device_facts(rt)}
+    tags = ctx.tags(teacher_source=cfg.teacher.source, model=cfg.teacher.model)
     with tracking.stage_run(STAGE, cfg, tags=tags) as run:
         t0 = time.perf_counter()
         if brought is None:
-            model, result = train_teacher(cfg, prepared, rt, splits, on_epoch=run.log_epoch)
+            model, result = train_teacher(cfg, ctx.prepared, ctx.rt, ctx.splits, on_epoch=run.log_epoch)
         else:
             model, result = brought, FitResult()
-        train_seconds = time.perf_counter() - t0
-        val_m, test_m = evaluate(model, splits[1], rt), evaluate(model, splits[2], rt)
-        metrics = {
-            "val_accuracy": val_m["accuracy"], "test_accuracy": test_m["accuracy"],
-            "val_loss": val_m["loss"], "test_loss": test_m["loss"],
-            "epochs_run": result.epochs_run, "best_epoch": result.best_epoch,
-            "stopped_early": result.stopped_early, "train_seconds": round(train_seconds, 2),
-            "num_parameters": count_parameters(model), "model": model.name, "source": cfg.teacher.source,
-            "dataset_digest": prepared["digest"], "params": params,
-        }
-        models_dir, metrics_dir, plots_dir = Path(cfg.paths.models), Path(cfg.paths.metrics), Path(cfg.paths.plots)
-        save_checkpoint(models_dir / "teacher.pt", model, classes=prepared["classes"], params=params,
-                        extra={"dataset_digest": prepared["digest"], "metrics": {k: metrics[k] for k in
-                               ("val_accuracy", "test_accuracy")}})
-        save_teacher_outputs(models_dir / "teacher_outputs.pt", model, splits[0], rt, prepared["digest"])
-        write_json(metrics_dir / "teacher.json", metrics)
-        curves = write_csv(plots_dir / "teacher.csv", result.history or [{"epoch": 0}])
+        metrics = teacher_metrics(ctx, model, result, time.perf_counter() - t0, params)
+        write_outputs(ctx, model, result, metrics)
         # Per-epoch curves own the plain names (val_accuracy, ...); the restored best model's are `final_*`.
         run.log_metrics({f"final_{k}": metrics[k] for k in ("val_accuracy", "val_loss")})
         run.log_metrics({k: metrics[k] for k in ("test_accuracy", "test_loss", "epochs_run", "best_epoch",
                                                   "train_seconds", "num_parameters")})
-        run.log_artifact(curves)
-        run.log_artifact(metrics_dir / "teacher.json")
+        run.log_artifact(ctx.paths.curves(STAGE))
+        run.log_artifact(ctx.paths.metrics(STAGE))
     print(f"teacher: {model.name} val_acc {metrics['val_accuracy']:.4f} test_acc {metrics['test_accuracy']:.4f} "
-          f"({result.epochs_run} epochs, {train_seconds:.0f}s)", file=sys.stderr)
+          f"({result.epochs_run} epochs, {metrics['train_seconds']:.0f}s)", file=sys.stderr)
     return metrics
 
 

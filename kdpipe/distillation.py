@@ -1,0 +1,148 @@
+"""Distillation: the frozen teacher, where its outputs come from, the loss the engine calls, FitNets' hint phase
+and the curriculum's sample pools. The distill path reads in three files: stages/distill.py → this → engine.py.
+
+The loss itself lives in `losses` (pure functions). Teacher outputs come either from the cache the teacher
+stage wrote (logits over the un-augmented train split: right only when the student sees exactly those images
+and needs logits alone), or from a live teacher forward on the very augmented batch the student sees.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from kdpipe import curriculum, losses
+from kdpipe.config import Config, DistillConfig, StudentConfig
+from kdpipe.engine import LossFn, Objective, fit
+from kdpipe.paths import Paths
+
+FEATURE_TERMS = ("hint", "at")  # loss terms that need intermediate features, which no cache holds
+
+
+def freeze(teacher: nn.Module) -> nn.Module:
+    """Eval mode (BatchNorm uses its running statistics) and no gradients, for good."""
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+def needs_features(weights: dict[str, float]) -> bool:
+    return any(weights.get(term, 0) > 0 for term in FEATURE_TERMS)
+
+
+def can_use_cached_logits(student: StudentConfig, weights: dict[str, float]) -> bool:
+    """Cached teacher logits describe the un-augmented images; they are right only when the student
+    sees exactly those, and when no term needs the teacher's intermediate features."""
+    return student.crop_padding == 0 and not student.flip and not needs_features(weights)
+
+
+def load_teacher_outputs(paths: Paths, prepared: dict) -> dict:
+    """The teacher stage's logits and difficulty over the train split, checked against the prepared data."""
+    from kdpipe.artifacts import CheckpointError, load_torch
+
+    path = paths.teacher_outputs
+    outputs = load_torch(path, CheckpointError, missing="not found; run the teacher stage first (dvc repro teacher)",
+                         unreadable="not readable; rerun the teacher stage (dvc repro teacher)")
+    if outputs["train_logits"].shape[0] != len(prepared["train_y"]):
+        raise CheckpointError(f"{path}: {outputs['train_logits'].shape[0]} rows, the train split has "
+                              f"{len(prepared['train_y'])}; rerun the teacher stage")
+    return outputs
+
+
+def make_hint_adapter(student: nn.Module, teacher: nn.Module, cfg: DistillConfig) -> nn.Module | None:
+    """FitNets' regressor from the student's guided layer to the teacher's hint layer (trained with the student)."""
+    if not cfg.resolved_weights().get("hint"):
+        return None
+    return losses.make_hint_adapter(student.feature_channels[cfg.hint_layer], teacher.feature_channels[cfg.hint_layer])
+
+
+def distill_loss(
+    cfg: DistillConfig,
+    teacher: nn.Module,
+    *,
+    weights: dict[str, float] | None = None,
+    cached_logits: torch.Tensor | None = None,
+    hint_adapter: nn.Module | None = None,
+    label_smoothing: float = 0.0,
+) -> LossFn:
+    """The engine's loss for a distilled student; `cached_logits` (N_train, K) replaces the teacher forward."""
+    weights = weights or cfg.resolved_weights()
+    with_feats = needs_features(weights)
+
+    def loss_fn(student, x, y, idx):
+        if with_feats:
+            student_logits, student_feats = student.forward_features(x)
+        else:
+            student_logits, student_feats = student(x), None
+        teacher_feats = None
+        with torch.no_grad():  # not inference_mode: its tensors may not enter an autograd graph
+            if cached_logits is not None:
+                teacher_logits = cached_logits[idx.to(cached_logits.device)].to(x.device)
+            elif with_feats:
+                teacher_logits, teacher_feats = teacher.forward_features(x)
+            else:
+                teacher_logits = teacher(x)
+        parts = losses.composite_loss(
+            student_logits, y, teacher_logits=teacher_logits, weights=weights, temperature=cfg.temperature,
+            focal_gamma=cfg.focal_gamma, label_smoothing=0.0 if cfg.focal_gamma is not None else label_smoothing,
+            student_feats=student_feats, teacher_feats=teacher_feats, hint_adapter=hint_adapter,
+            hint_index=cfg.hint_layer, dkd_alpha=cfg.dkd_alpha, dkd_beta=cfg.dkd_beta,
+        )
+        return student_logits, parts
+
+    return loss_fn
+
+
+@dataclass
+class Distiller:
+    """What distill loads once (teacher, cached logits, difficulty) and turns into each seed's objective."""
+
+    cfg: Config
+    rt: object  # runtime.Runtime
+    teacher: nn.Module  # frozen, on the training device
+    weights: dict[str, float]
+    cached_logits: torch.Tensor | None  # (N_train, K) on the device when the cache applies
+    difficulty: torch.Tensor | None  # (N_train,) teacher loss per sample, with the curriculum
+
+    @classmethod
+    def load(cls, cfg: Config, paths: Paths, prepared: dict, rt) -> Distiller:
+        """The teacher checked against this dataset, and its cached outputs where they are used."""
+        from kdpipe.artifacts import load_trained
+
+        teacher, _ = load_trained(paths.teacher, prepared["digest"], stage="teacher")
+        weights = cfg.distill.resolved_weights()
+        use_cache = can_use_cached_logits(cfg.student, weights)
+        outputs = load_teacher_outputs(paths, prepared) if use_cache or cfg.curriculum.enabled else None
+        return cls(cfg, rt, freeze(teacher.to(rt.device)), weights,
+                   outputs["train_logits"].to(rt.device) if use_cache else None,
+                   outputs["difficulty"] if cfg.curriculum.enabled else None)
+
+    @property
+    def teacher_outputs(self) -> str:
+        return "cached" if self.cached_logits is not None else "live"
+
+    def objective(self, student: nn.Module, seed: int, splits) -> Objective:
+        """The student's loss, its FitNets adapter (after the hint phase, when asked) and its curriculum."""
+        cfg = self.cfg
+        adapter = make_hint_adapter(student, self.teacher, cfg.distill)
+        extra = [adapter.to(self.rt.device)] if adapter is not None else []
+        if cfg.distill.hint_epochs:
+            self.hint_phase(student, adapter, seed, splits)
+        loss_fn = distill_loss(cfg.distill, self.teacher, weights=self.weights, cached_logits=self.cached_logits,
+                               hint_adapter=adapter, label_smoothing=cfg.student.label_smoothing)
+        pool = (curriculum.epoch_pools(cfg.curriculum, self.difficulty, cfg.student.epochs, seed)
+                if cfg.curriculum.enabled else None)
+        return Objective(loss_fn=loss_fn, extra_modules=extra, epoch_pool=pool)
+
+    def hint_phase(self, student: nn.Module, adapter: nn.Module, seed: int, splits) -> None:
+        """FitNets stage 1 (Romero et al. 2015): train the student up to its guided layer, with the adapter,
+        on the hint loss alone, before the full distillation stage."""
+        recipe = self.cfg.student.model_copy(update={"epochs": self.cfg.distill.hint_epochs, "patience": 0,
+                                                     "warmup_epochs": 0})
+        loss_fn = distill_loss(self.cfg.distill, self.teacher, weights={"hint": 1.0}, hint_adapter=adapter)
+        train, val, _ = splits
+        fit(student, train, val, recipe, self.rt, seed=seed, objective=Objective(loss_fn, [adapter]),
+            desc=f"distill hints seed {seed}", restore_best=False)
