@@ -68,6 +68,7 @@ def save_checked(model: onnx.ModelProto, path: str | Path) -> Path:
 
 
 def load_onnx(path: str | Path) -> onnx.ModelProto:
+    """An ONNX file as a ModelProto; ExportError naming the file when it is missing or unreadable."""
     import onnx
 
     path = Path(path)
@@ -80,6 +81,7 @@ def load_onnx(path: str | Path) -> onnx.ModelProto:
 
 
 def one_line(error: BaseException) -> str:
+    """`Type: first line of the message`: third-party errors can span pages; our messages are one line."""
     first = str(error).strip().splitlines()
     return f"{type(error).__name__}: {first[0] if first else ''}"
 

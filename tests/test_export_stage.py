@@ -1,6 +1,6 @@
-"""The export stage on a tiny digits run: the shipped seed, ONNX files and their metadata, parity that blocks
-registration, int8, the registry's candidate/champion gate, a teacher reused from the registry, the report,
-and `kdpipe predict` without torch."""
+"""The export stage on a tiny digits run: the shipped seed (the evaluate stage's choice), ONNX files and their
+metadata, parity that blocks registration, int8, the registry's candidate/champion gate, a teacher reused from
+the registry, the report, and `kdpipe predict` without torch."""
 
 from __future__ import annotations
 
@@ -16,14 +16,13 @@ import onnx
 import onnxruntime
 import pytest
 import torch
-from conftest import subprocess_env, tiny_params, write_params
+from conftest import SEEDS, subprocess_env, tiny_params, tiny_pipeline_params, write_params
 from PIL import Image
 
 from kdpipe import config, registry
 from kdpipe.artifacts import build_from_checkpoint
-from kdpipe.stages import distill, evaluate, export, prepare, scratch, teacher
+from kdpipe.stages import evaluate, export, teacher
 
-SEEDS = [0, 1]
 STUDENT, TEACHER = "kdpipe-student", "kdpipe-teacher"
 METRIC_KEYS = {"parity_max_abs_diff", "argmax_agreement", "student_latency_ms_b1", "student_latency_ms_b64",
                "teacher_latency_ms_b1", "teacher_latency_ms_b64", "latency_ratio_b1", "int8_accuracy",
@@ -32,28 +31,29 @@ METRIC_KEYS = {"parity_max_abs_diff", "argmax_agreement", "student_latency_ms_b1
 
 
 def export_params(work, **export_overrides) -> dict:
-    params = tiny_params(work)
-    params["teacher"].update(batch_size=32)  # ~40 steps an epoch: a teacher and students well above chance
-    params["student"].update(model="tiny_cnn", seeds=SEEDS, batch_size=32)
-    params["export"].update(latency_repeats=3, calibration_images=64, **export_overrides)
+    """The shared tiny pipeline's params (conftest), with export.* overrides."""
+    params = tiny_pipeline_params(work)
+    params["export"].update(export_overrides)
     return params
 
 
-@pytest.fixture(scope="module")
-def done(tmp_path_factory):
-    """prepare → teacher → scratch → distill → evaluate → export once, in-process, with a temp sqlite store."""
-    work = tmp_path_factory.mktemp("export")
-    mp = pytest.MonkeyPatch()
-    mp.chdir(work)
-    mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-    params = export_params(work)
-    write_params(work / "params.yaml", params)
-    cfg = config.from_dict(params)
-    for stage in (prepare, teacher, scratch, distill, evaluate):
-        stage.run(cfg)
-    metrics = export.run(cfg)
-    yield work, cfg, metrics
-    mp.undo()
+@pytest.fixture
+def done(tiny_pipeline):
+    """The session's tiny pipeline (conftest): prepare → ... → export once, in-process, temp sqlite store."""
+    return tiny_pipeline.work, tiny_pipeline.cfg, tiny_pipeline.results["export"]
+
+
+def rerun_params(work, tmp_path, monkeypatch, **export_overrides) -> dict:
+    """Params to rerun export in tmp_path on a copy of the fixture's checkpoints and metrics (no ONNX files),
+    reading its prepared data; tmp_path becomes the working directory."""
+    for folder in ("models", "metrics"):
+        shutil.copytree(work / folder, tmp_path / folder, ignore=shutil.ignore_patterns("*.onnx"))
+    monkeypatch.chdir(tmp_path)
+    # mlflow.set_tracking_uri (run by every stage) exports MLFLOW_TRACKING_URI, which outranks tracking.uri.
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    params = export_params(tmp_path, **export_overrides)
+    params["paths"]["prepared"] = str(work / "data/prepared")
+    return params
 
 
 def client(cfg) -> mlflow.MlflowClient:
@@ -103,14 +103,48 @@ def test_shipped_seed_is_chosen_on_validation_only(done):
     work, _, metrics = done
     per_seed = json.loads((work / "metrics/distill.json").read_text())["per_seed"]
     best = max(r["val_accuracy"] for r in per_seed)
-    assert metrics["student_seed"] in [r["seed"] for r in per_seed if r["val_accuracy"] == best]
-    # The rule itself: test accuracy never matters; ties go to the lower validation loss, then the lower seed.
-    rows = [{"seed": 0, "val_accuracy": 0.9, "test_accuracy": 0.99}, {"seed": 1, "val_accuracy": 0.95, "test_accuracy": 0.5}]
-    assert export.choose_seed(rows, lambda s: pytest.fail("no tie, no loss needed"))[0] == 1
-    tied = [{"seed": s, "val_accuracy": 0.9} for s in (0, 1, 2)]
-    assert export.choose_seed(tied, {0: 0.5, 1: 0.3, 2: 0.3}.get) == (1, {
-        "rule": "best validation accuracy, tie broken by validation loss", "val_accuracy": 0.9,
-        "tied_seeds": [0, 1, 2], "val_loss": {"0": 0.5, "1": 0.3, "2": 0.3}})
+    shipped = json.loads((work / "metrics/evaluate.json").read_text())["shipped"]
+    # evaluate scores validation as the distill stage did, so its choice is the one distill.json implies
+    assert shipped["val_accuracy"] == best and shipped["tied_seeds"] == [r["seed"] for r in per_seed
+                                                                           if r["val_accuracy"] == best]
+    assert metrics["student_seed"] == shipped["seed"] and metrics["seed_choice"] == shipped
+    # The rule itself: only validation scores are inputs; ties go to the lower validation loss, then the lower seed.
+    assert evaluate.choose_seed({0: {"accuracy": 0.9, "loss": 0.1}, 1: {"accuracy": 0.95, "loss": 0.9}}) == {
+        "seed": 1, "rule": "best validation accuracy", "val_accuracy": 0.95, "tied_seeds": [1], "val_loss": {}}
+    tied = {s: {"accuracy": 0.9, "loss": loss} for s, loss in ((0, 0.5), (1, 0.3), (2, 0.3))}
+    assert evaluate.choose_seed(tied) == {
+        "seed": 1, "rule": "best validation accuracy, tie broken by validation loss", "val_accuracy": 0.9,
+        "tied_seeds": [0, 1, 2], "val_loss": {"0": 0.5, "1": 0.3, "2": 0.3}}
+
+
+def test_export_ships_the_seed_evaluate_names(done, tmp_path, monkeypatch, capsys):
+    """With evaluate.json naming the other seed, export ships that one (and the ONNX file is that checkpoint);
+    an evaluate.json without a shipped seed is a user error (exit 2, one line) with nothing written."""
+    work, _, metrics = done
+    params = rerun_params(work, tmp_path, monkeypatch, registry=False, int8=False)
+    evaluate_json = tmp_path / "metrics/evaluate.json"
+    evaluated = json.loads(evaluate_json.read_text())
+    [other] = [s for s in SEEDS if s != metrics["student_seed"]]
+    evaluate_json.write_text(json.dumps({**evaluated, "shipped": {**evaluated["shipped"], "seed": other}}))
+    shipped = export.run(config.from_dict(params))
+    assert shipped["student_seed"] == other and shipped["seed_choice"]["seed"] == other
+    meta = {p.key: p.value for p in onnx.load(tmp_path / "models/student.onnx").metadata_props}
+    assert meta["student_seed"] == str(other)
+    data = torch.load(work / "data/prepared/dataset.pt", weights_only=True)
+    images = data["test_x"][:64].numpy().astype(np.float32) / 255
+    model, _ = build_from_checkpoint(tmp_path / f"models/distill/seed{other}.pt")
+    session = onnxruntime.InferenceSession(str(tmp_path / "models/student.onnx"), providers=["CPUExecutionProvider"])
+    with torch.inference_mode():
+        np.testing.assert_allclose(session.run(None, {"images": images})[0],
+                                   model.eval()(torch.from_numpy(images)).numpy(), atol=1e-4)
+    del evaluated["shipped"]
+    evaluate_json.write_text(json.dumps(evaluated))
+    before = (tmp_path / "metrics/export.json").read_bytes()
+    capsys.readouterr()
+    assert export.main(["--params", str(write_params(tmp_path / "params.yaml", params))]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "evaluate.json" in err[0] and "rerun the evaluate stage" in err[0], err
+    assert (tmp_path / "metrics/export.json").read_bytes() == before
 
 
 def test_plain_onnxruntime_matches_the_evaluate_stage(done):
@@ -196,13 +230,7 @@ def test_stage_gate_end_to_end(done, tmp_path, monkeypatch):
     """Rerun the real stage against a fresh store: v1 takes champion; with v1's accuracy pretended perfect,
     v2 only becomes candidate; int8 off leaves no int8 file; registry off registers nothing."""
     work, _, _ = done
-    for folder in ("models", "metrics"):
-        shutil.copytree(work / folder, tmp_path / folder, ignore=shutil.ignore_patterns("*.onnx"))
-    monkeypatch.chdir(tmp_path)
-    # mlflow.set_tracking_uri (run by every stage) exports MLFLOW_TRACKING_URI, which outranks tracking.uri.
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    params = export_params(tmp_path)
-    params["paths"]["prepared"] = str(work / "data/prepared")
+    params = rerun_params(work, tmp_path, monkeypatch)
     cfg = config.from_dict(params)
     first = export.run(cfg)
     assert first["registered_version"] == "1" and first["champion"]

@@ -1,57 +1,88 @@
-"""evaluate: teacher, scratch student and distilled student side by side on the test split.
+"""evaluate: teacher, scratch student and distilled student side by side on the test split, and the choice of
+the distilled seed to ship.
 
 Per model: top-1 (top-5 with ≥ 10 classes), macro-F1, classification report, confusion matrix, parameters,
 MACs per image and PyTorch CPU latency per image; students as mean ± std over their seeds. Headline:
-gap_recovered = (distilled − scratch) / (teacher − scratch). Nothing here trains or chooses anything.
-Outputs: metrics/evaluate.json, reports/evaluate.md with its PNGs.
+gap_recovered = (distilled − scratch) / (teacher − scratch). The seed to ship (`shipped`) is chosen on the
+validation split alone, by `choose_seed`; the export stage exports that seed. Nothing here trains.
+Outputs: metrics/evaluate.json, reports/evaluate/ (evaluate.md with its PNGs).
 """
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kdpipe.config import Config
 
+if TYPE_CHECKING:
+    from kdpipe.stagekit import StageContext
+
 STAGE = "evaluate"
+REPORT = "evaluate.md"  # inside reports/evaluate/
 STUDENT_STAGES = {"scratch": "scratch", "distilled": "distill"}  # report label → stage that trained it
 
 
-def load_models(cfg: Config) -> dict[str, list]:
-    """label → [(seed or None, model)], from the checkpoints the earlier stages wrote."""
-    from kdpipe.artifacts import CheckpointError, build_from_checkpoint
+def load_models(ctx: StageContext) -> dict[str, list]:
+    """label → [(seed or None, model)], each checkpoint checked against the prepared data."""
+    from kdpipe.artifacts import load_trained
 
-    models_dir = Path(cfg.paths.models)
-    found = {"teacher": [(None, build_from_checkpoint(models_dir / "teacher.pt")[0])]}
+    paths, digest = ctx.paths, ctx.digest
+    found = {"teacher": [(None, load_trained(paths.teacher, digest, stage="teacher")[0])]}
     for label, stage in STUDENT_STAGES.items():
-        paths = [models_dir / stage / f"seed{s}.pt" for s in cfg.student.seeds]
-        missing = [str(p) for p in paths if not p.is_file()]
-        if missing:
-            raise CheckpointError(f"{missing[0]}: not found; run the {stage} stage first (dvc repro {stage})")
-        found[label] = [(s, build_from_checkpoint(p)[0]) for s, p in zip(cfg.student.seeds, paths, strict=True)]
+        found[label] = [(seed, load_trained(paths.student(stage, seed), digest, stage=stage)[0])
+                        for seed in ctx.cfg.student.seeds]
     return found
+
+
+def choose_seed(val_scores: dict[int, dict]) -> dict:
+    """The distilled seed to ship, from `val_scores`: seed → engine.score on the validation split.
+
+    Best validation accuracy; ties (common on small validation splits) go to the lower validation loss, then
+    to the lower seed. The test split never chooses. Returns {seed, rule, val_accuracy, tied_seeds, val_loss},
+    val_loss holding the tied seeds' losses when the tie needed them.
+    """
+    best = max(score["accuracy"] for score in val_scores.values())
+    tied = sorted(seed for seed, score in val_scores.items() if score["accuracy"] == best)
+    losses = {seed: val_scores[seed]["loss"] for seed in tied} if len(tied) > 1 else {}
+    seed = min(tied, key=lambda s: (losses.get(s, 0.0), s))
+    rule = "best validation accuracy" + (", tie broken by validation loss" if losses else "")
+    return {"seed": seed, "rule": rule, "val_accuracy": best, "tied_seeds": tied,
+            "val_loss": {str(s): v for s, v in losses.items()}}
+
+
+def shipped_seed(ctx: StageContext, students: list[tuple]) -> dict:
+    """choose_seed over the distilled students, scored on the validation split as the distill stage scored
+    them when it trained them (engine.score), so the choice matches distill.json's val_accuracy."""
+    from kdpipe.data import Split
+    from kdpipe.engine import score
+
+    val = Split(ctx.prepared["val_x"], ctx.prepared["val_y"])  # on the host: score moves each batch
+    return choose_seed({seed: score(model.to(ctx.rt.device), val, ctx.rt) for seed, model in students})
 
 
 def score_model(model, prepared: dict, rt) -> dict:
     """Test-split metrics of one model (no cost figures)."""
     from kdpipe.engine import predict
-    from kdpipe.evaluate import classification_metrics
+    from kdpipe.metrics import classification_metrics
 
     logits = predict(model.to(rt.device), prepared["test_x"], rt)
     return classification_metrics(logits, prepared["test_y"], prepared["classes"])
 
 
 def cost(model, shape) -> dict:
-    from kdpipe.evaluate import count_macs, cpu_latency_ms
+    """Size and speed of one model: parameters, MACs per image, PyTorch CPU ms per image."""
+    from kdpipe.metrics import count_macs, cpu_latency_ms
     from kdpipe.models import count_parameters
 
     return {"model": model.name, "num_parameters": count_parameters(model), "macs": count_macs(model, shape),
             "latency_ms": cpu_latency_ms(model, shape, batch_size=1)}
 
 
-def summarise(label: str, scored: list[tuple], costs: dict) -> dict:
+def summarise(scored: list[tuple], costs: dict) -> dict:
     """One row of evaluate.json: a single model's numbers, or mean ± std over a student's seeds."""
-    from kdpipe.evaluate import mean_std
+    from kdpipe.metrics import mean_std
 
     keys = ["test_accuracy", "macro_f1"] + (["top5_accuracy"] if "top5_accuracy" in scored[0][1] else [])
     row = {**costs}
@@ -67,12 +98,14 @@ def summarise(label: str, scored: list[tuple], costs: dict) -> dict:
     return row
 
 
-def write_report(cfg: Config, prepared: dict, results: dict, scored: dict, gap) -> Path:
-    """reports/evaluate.md with the headline table, classification reports, confusion matrices, curves."""
+def write_report(ctx: StageContext, results: dict, scored: dict) -> Path:
+    """reports/evaluate/evaluate.md with the headline table, classification reports, confusion matrices,
+    curves."""
     from kdpipe.artifacts import write_text
-    from kdpipe.evaluate import confusion_png, curves_png, headline_table, markdown_report
+    from kdpipe.plots import confusion_png, curves_png
+    from kdpipe.report import evaluate_table, markdown_report
 
-    reports = Path(cfg.paths.reports) / STAGE
+    cfg, prepared, reports = ctx.cfg, ctx.prepared, ctx.paths.reports(STAGE)
     images, sections = {}, {}
     for label, runs in scored.items():
         seed, metrics = runs[0]
@@ -81,22 +114,13 @@ def write_report(cfg: Config, prepared: dict, results: dict, scored: dict, gap) 
                             title=f"{which}: test confusion matrix")
         images[f"confusion matrix, {which}"] = png.name
         sections[f"Classification report: {which}"] = metrics["report_text"]
-    curves = {label: _read_curve(Path(cfg.paths.plots) / f"{stage}.csv") for label, stage in STUDENT_STAGES.items()}
+    curves = {label: _read_curve(ctx.paths.curves(stage)) for label, stage in STUDENT_STAGES.items()}
     images["validation accuracy per epoch (mean over seeds)"] = curves_png(
         curves, reports / "curves_val_accuracy.png", metric="val_accuracy", title="scratch vs distilled").name
-    table = headline_table({label: _table_row(results[label]) for label in scored})
-    text = markdown_report(title="kdpipe evaluation", dataset=f"{cfg.data.dataset} ({len(prepared['test_y'])} test "
-                           f"images, student seeds {list(cfg.student.seeds)})", table=table, gap=gap,
-                           sections=sections, images=images)
-    return write_text(reports / "evaluate.md", text)
-
-
-def _table_row(row: dict) -> dict:
-    out = dict(row)
-    for key in ("test_accuracy", "macro_f1", "top5_accuracy"):
-        if f"{key}_std" in row:
-            out[key] = {"mean": row[key], "std": row[f"{key}_std"], "n": len(row["per_seed"])}
-    return out
+    dataset = f"{cfg.data.dataset} ({len(prepared['test_y'])} test images, student seeds {list(cfg.student.seeds)})"
+    text = markdown_report(title="kdpipe evaluation", dataset=dataset, table=evaluate_table(results),
+                           gap=results["gap_recovered"], sections=sections, images=images)
+    return write_text(reports / REPORT, text)
 
 
 def _read_curve(path: Path) -> list[dict]:
@@ -106,36 +130,47 @@ def _read_curve(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def run(cfg: Config) -> dict:
-    from kdpipe import runtime, tracking
-    from kdpipe.artifacts import load_prepared, write_json
-    from kdpipe.evaluate import gap_recovered
+def evaluate(ctx: StageContext, models: dict[str, list]) -> tuple[dict, dict]:
+    """(evaluate.json's dict, label → [(seed, test metrics)]) for the loaded models."""
+    from kdpipe.metrics import gap_recovered
 
-    rt = runtime.setup(cfg.seed)
-    prepared = load_prepared(cfg.paths.prepared)
-    models = load_models(cfg)
-    shape = tuple(prepared["image_shape"])
-    scored = {label: [(seed, score_model(m, prepared, rt)) for seed, m in runs] for label, runs in models.items()}
-    results = {label: summarise(label, scored[label], cost(models[label][0][1], shape)) for label in models}
+    cfg, shape = ctx.cfg, tuple(ctx.prepared["image_shape"])
+    scored = {label: [(seed, score_model(model, ctx.prepared, ctx.rt)) for seed, model in runs]
+              for label, runs in models.items()}
+    results = {label: summarise(scored[label], cost(models[label][0][1], shape)) for label in models}
     gap = gap_recovered(*(results[k]["test_accuracy"] for k in ("teacher", "scratch", "distilled")))
-    results.update(gap_recovered=gap, dataset=cfg.data.dataset, dataset_digest=prepared["digest"],
-                   seeds=list(cfg.student.seeds), method=cfg.distill.method)
-    with tracking.stage_run(STAGE, cfg, tags={"dataset": cfg.data.dataset, "dataset_digest": prepared["digest"],
-                                              **runtime.device_facts(rt)}) as run:
-        write_json(Path(cfg.paths.metrics) / "evaluate.json", results)
-        report = write_report(cfg, prepared, results, scored, gap)
+    results.update(gap_recovered=gap, dataset=cfg.data.dataset, dataset_digest=ctx.digest,
+                   seeds=list(cfg.student.seeds), method=cfg.distill.method,
+                   shipped=shipped_seed(ctx, models["distilled"]))
+    return results, scored
+
+
+def run(cfg: Config) -> dict:
+    """Load and check every model → score and cost them → choose the seed to ship → metrics, report, MLflow."""
+    from kdpipe import tracking
+    from kdpipe.artifacts import write_json
+    from kdpipe.stagekit import start
+
+    ctx = start(cfg)
+    models = load_models(ctx)
+    results, scored = evaluate(ctx, models)
+    with tracking.stage_run(STAGE, cfg, tags=ctx.tags()) as run:
+        write_json(ctx.paths.metrics(STAGE), results)
+        report = write_report(ctx, results, scored)
         for label in models:
-            run.log_metrics({k: v for k, v in results[label].items() if isinstance(v, int | float)}, prefix=f"{label}/")
-        if gap is not None:
-            run.log_metrics({"gap_recovered": gap})
+            numbers = {k: v for k, v in results[label].items() if isinstance(v, int | float)}
+            run.log_metrics(numbers, prefix=f"{label}/")
+        if results["gap_recovered"] is not None:
+            run.log_metrics({"gap_recovered": results["gap_recovered"]})
         for path in sorted(report.parent.glob("*")):
             run.log_artifact(path, artifact_path="report")
-        run.log_artifact(Path(cfg.paths.metrics) / "evaluate.json")
+        run.log_artifact(ctx.paths.metrics(STAGE))
     print(report.read_text().split("## ", 2)[1].strip(), file=sys.stderr)  # the headline table, in the log
     return results
 
 
 def main(argv: list[str] | None = None) -> int:
+    """python -m kdpipe.stages.evaluate [--params FILE]; exit 2 with one line on a user error."""
     from kdpipe.stagekit import run_stage
 
     return run_stage(STAGE, run, argv)
