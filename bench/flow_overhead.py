@@ -35,11 +35,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import yaml  # noqa: E402
+from projectcopy import copy_project, shrink  # noqa: E402  (bench/projectcopy.py: this script's own folder)
 
 from flows import _dvc  # noqa: E402
-
-sys.path.insert(0, str(REPO / "tests"))
-from projectcopy import copy_project, shrink  # noqa: E402  (the tests' clone of the project)
 
 
 def clone(dest: Path, params: str) -> Path:

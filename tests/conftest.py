@@ -1,16 +1,30 @@
-"""Shared fixtures: tiny params in a temp workspace, an isolated MLflow store, a subprocess environment."""
+"""Shared fixtures: tiny params in a temp workspace, an isolated MLflow store, a subprocess environment, the
+tiny pipeline run once in-process (`tiny_pipeline`) and once under DVC in a fresh git repo (`dvc_repo`)."""
 
 from __future__ import annotations
 
+import copy
+import importlib
+import json
 import os
+import re
+import subprocess
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
+from kdpipe.env import QUIET_ENV
+
 REPO = Path(__file__).resolve().parents[1]
+# bench/projectcopy.py copies the project as a fresh clone has it. It lives in bench/ because a benchmark must
+# not import the tests; the tests reach it through this path entry.
+sys.path.append(str(REPO / "bench"))
+from projectcopy import copy_project, shrink  # noqa: E402
 
 # Tests train tiny models: one thread each is as fast, and immune to the barrier thrashing that two
 # multi-threaded jobs on a 2-core machine suffer. Stage processes started by tests inherit it.
@@ -26,6 +40,11 @@ def tiny_params(workdir: Path, **overrides) -> dict:
     params["student"].update(model="small_cnn", epochs=2, batch_size=128, patience=0)
     params["paths"] = {k: str(workdir / v) for k, v in params["paths"].items()}
     params["tracking"]["uri"] = f"sqlite:///{workdir / 'mlflow.db'}"
+    return with_overrides(params, **overrides)
+
+
+def with_overrides(params: dict, **overrides) -> dict:
+    """`section__key=value` sets params[section][key]; `section=value` replaces a whole section."""
     for dotted, value in overrides.items():
         section, _, key = dotted.partition("__")
         if key:
@@ -40,6 +59,11 @@ def write_params(path: Path, params: dict) -> Path:
     return path
 
 
+def dvc_stage_names() -> list[str]:
+    """The pipeline's stages in dvc.yaml's order (each declared after the stages it depends on)."""
+    return list(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"])
+
+
 @pytest.fixture
 def workdir(tmp_path, monkeypatch) -> Path:
     """A temp working directory with no MLFLOW_TRACKING_URI leaking in from the environment."""
@@ -50,10 +74,162 @@ def workdir(tmp_path, monkeypatch) -> Path:
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:
-    """The environment a stage process gets under DVC: this venv first on PATH, telemetry off."""
-    env = dict(os.environ)
+    """The environment a stage process gets under DVC: this venv first on PATH, telemetry off, CPU."""
+    env = {**os.environ, **QUIET_ENV, "KDPIPE_DEVICE": "cpu"}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env.update(DVC_NO_ANALYTICS="1", MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true", KDPIPE_DEVICE="cpu")
     env.pop("MLFLOW_TRACKING_URI", None)
     env.update(extra)
     return env
+
+
+# ------------------------------------------------------------------------ the tiny pipeline, in-process
+
+SEEDS = [0, 1]
+
+
+@dataclass(frozen=True)
+class TinyPipeline:
+    """Every stage run once on digits into `work`: the params (also written to `params_path`), the validated
+    config, what each stage's run() returned, and the MLflow run id each stage created."""
+
+    work: Path
+    params: dict
+    params_path: Path
+    cfg: object  # kdpipe.config.Config
+    results: dict  # stage name -> what its run(cfg) returned
+    run_ids: dict  # stage name -> MLflow run id
+
+    def params_with(self, **overrides) -> dict:
+        """A deep copy of the pipeline's params with `section__key=value` overrides."""
+        return with_overrides(copy.deepcopy(self.params), **overrides)
+
+
+def tiny_pipeline_params(work: Path) -> dict:
+    """2 epochs; a small_cnn teacher and two tiny_cnn students, batch 32 (~40 steps an epoch: models well
+    above chance); short export measurements; every path and the sqlite store inside `work`."""
+    params = tiny_params(work)
+    params["teacher"].update(batch_size=32)
+    params["student"].update(model="tiny_cnn", seeds=SEEDS, batch_size=32)
+    params["export"].update(latency_repeats=3, calibration_images=64)
+    return params
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory) -> TinyPipeline:
+    """All stages once per session, in-process, in dvc.yaml's order, against the workspace's own sqlite store.
+
+    The process's cwd and MLFLOW_TRACKING_URI are changed only while the stages run. Tests that run a stage
+    again write into their own tmp_path (or assert that the shared outputs stayed as they were).
+    """
+    from kdpipe import config
+
+    work = tmp_path_factory.mktemp("tiny_pipeline")
+    params = tiny_pipeline_params(work)
+    params_path = write_params(work / "params.yaml", params)
+    cfg = config.load(params_path)
+    results = {}
+    user_uri = os.environ.pop("MLFLOW_TRACKING_URI", None)  # the stages log to tracking.uri; mlflow sets this
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.chdir(work)  # the MLflow artifact folder is created in the cwd, next to the store
+            for stage in dvc_stage_names():
+                results[stage] = importlib.import_module(f"kdpipe.stages.{stage}").run(cfg)
+    finally:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+        if user_uri is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = user_uri
+    return TinyPipeline(work, params, params_path, cfg, results, _stage_run_ids(cfg))
+
+
+def _stage_run_ids(cfg) -> dict[str, str]:
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=cfg.tracking.uri)
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+    runs = client.search_runs([experiment.experiment_id])
+    names = [r.info.run_name for r in runs]
+    assert sorted(names) == sorted(dvc_stage_names()), f"one MLflow run per stage expected, got {names}"
+    return {r.info.run_name: r.info.run_id for r in runs}
+
+
+# --------------------------------------------------------------------- the tiny pipeline under DVC, in git
+
+def small_project_params(params: dict) -> dict:
+    """projectcopy.shrink (tiny training everywhere), no system-metrics sampling, short export measurements."""
+    params = shrink(params)
+    params["tracking"]["system_metrics"] = False
+    params["export"].update(latency_repeats=3, calibration_images=64)
+    return params
+
+
+def sh(cmd: list[str], cwd: Path, timeout: int = 300, **env: str) -> subprocess.CompletedProcess:
+    """Run a command with the stage environment; fail with its output's tail when it fails."""
+    out = subprocess.run(cmd, cwd=cwd, env=subprocess_env(**env), capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, f"{' '.join(cmd)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    return out
+
+
+def dvc(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    return sh([str(Path(sys.executable).parent / "dvc"), *args], cwd, timeout=timeout)
+
+
+def dvc_status(root: Path) -> dict:
+    return json.loads(dvc("status", "--json", cwd=root).stdout or "{}")
+
+
+def stages_run(output: str) -> list[str]:
+    """The stages a `dvc repro` / `dvc exp run` really ran (not those restored from the run cache)."""
+    return re.findall(r"^Running stage '([^']+)':", output, re.M)
+
+
+@dataclass(frozen=True)
+class DvcRepo:
+    root: Path
+    first_repro: str  # stdout of the first `dvc repro`
+    seconds: float
+
+    def restore(self) -> None:
+        """Back to the committed baseline: git's files (params, dvc.lock, uncached metrics and plots), then
+        the cached outputs dvc.lock names; fails unless `dvc status` is clean afterwards."""
+        sh(["git", "checkout", "--", "."], self.root)
+        dvc("checkout", "--quiet", cwd=self.root)
+        assert dvc_status(self.root) == {}, dvc_status(self.root)
+
+
+@pytest.fixture(scope="session")
+def dvc_repo(tmp_path_factory) -> DvcRepo:
+    """A fresh git repo holding the project files as a clone has them, small params, `dvc repro` run once and
+    its results committed as the baseline. Tests that change the workspace call `restore()` when done."""
+    root = copy_project(tmp_path_factory.mktemp("dvc") / "repo")
+    write_params(root / "params.yaml", small_project_params(yaml.safe_load((root / "params.yaml").read_text())))
+    sh(["git", "init", "-q"], root)
+    sh(["git", "config", "user.name", "kdpipe test"], root)
+    sh(["git", "config", "user.email", "test@kdpipe.invalid"], root)
+    sh(["git", "add", "-A"], root)
+    sh(["git", "commit", "-qm", "init"], root)
+    t0 = time.perf_counter()
+    first = dvc("repro", cwd=root, timeout=900)
+    seconds = time.perf_counter() - t0
+    sh(["git", "add", "-A"], root)
+    sh(["git", "commit", "-qm", "baseline results"], root)
+    return DvcRepo(root, first.stdout, seconds)
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str
+    override: str
+    output: str  # stdout of `dvc exp run`
+
+
+@pytest.fixture(scope="session")
+def temperature_experiment(dvc_repo) -> Experiment:
+    """`dvc exp run -S distill.temperature=<new value>` once on the baseline, then the workspace restored.
+    The value is one the run cache has not seen, so every stage that must rerun really runs."""
+    params = yaml.safe_load((dvc_repo.root / "params.yaml").read_text())
+    override = f"distill.temperature={params['distill']['temperature'] + 1.5}"
+    try:
+        out = dvc("exp", "run", "-S", override, "-n", "warmer", cwd=dvc_repo.root, timeout=600)
+    finally:
+        dvc_repo.restore()
+    return Experiment("warmer", override, out.stdout)

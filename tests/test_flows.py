@@ -2,8 +2,9 @@
 Prefect API (one `prefect_test_harness` per session), with MLflow lineage, a local DVC remote, and the nightly
 deployment registered by `prefect deploy` and run by a `prefect worker` that the test starts and stops.
 
-The repo tests share (module scope) goes through states in file order: built → run → up to date → failing
-stage → experiments → sweep → deployment run.
+The tests share one repo (module scope) and one first pipeline run on it (`first_run`, whose results are
+committed as the baseline by `built`); every test that changes the workspace restores the baseline, so each
+test also runs alone (`-k`).
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ import sys
 import time
 from pathlib import Path
 
-import projectcopy
 import pytest
 import yaml
-from conftest import REPO
+from conftest import REPO, small_project_params
+from projectcopy import copy_project
 
 if str(REPO) not in sys.path:  # `flows` is a folder at the repo root, not an installed package
     sys.path.insert(0, str(REPO))
@@ -84,21 +85,14 @@ def _sh(cmd: list[str], cwd: Path, env: dict | None = None, timeout: int = 300) 
     return out
 
 
-def shrink(params: dict) -> dict:
-    """Tiny training everywhere, and no system-metrics sampling."""
-    params = projectcopy.shrink(params)
-    params["tracking"]["system_metrics"] = False
-    return params
-
-
 @pytest.fixture(scope="module")
 def repo(prefect_api, tmp_path_factory):
     """A fresh repo holding the project files as a clone has them, tiny params, a local DVC remote, one commit."""
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
         mp.setenv("KDPIPE_DEVICE", "cpu")
-        root = projectcopy.copy_project(tmp_path_factory.mktemp("flows") / "repo")
-        params = shrink(yaml.safe_load((root / "params.yaml").read_text()))
+        root = copy_project(tmp_path_factory.mktemp("flows") / "repo")
+        params = small_project_params(yaml.safe_load((root / "params.yaml").read_text()))
         (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         _git(root, "init", "-q")
         _git(root, "config", "user.name", "kdpipe test")
@@ -122,17 +116,38 @@ def _restore(root: Path) -> None:
     subprocess.run([_dvc.dvc(), "checkout", "-q"], cwd=root, env=_dvc.environment(), capture_output=True)
 
 
+@pytest.fixture(scope="module")
+def first_run(repo):
+    """The first kd-pipeline run on the fresh repo (it pushes to the local remote): its final state."""
+    return kd_pipeline(stages=STAGES, push=True, repo=str(repo), return_state=True)
+
+
+@pytest.fixture(scope="module")
+def built(repo, first_run):
+    """The repo after the first run, its results committed: the baseline every later test starts from."""
+    assert first_run.is_completed(), f"the first pipeline run failed: {first_run.message}"
+    _commit(repo, "results")
+    return repo
+
+
 def flow_run_id(state):
     return state.state_details.flow_run_id
 
 
-def task_runs(run_id) -> dict:
+def task_runs(run_id, timeout: float = 20) -> dict:
+    """The flow run's task runs by name, with their states. The API records task states from events, a moment
+    after the flow returns: wait until every task run has a final state (or the timeout passes)."""
     from prefect import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
-    return {run.name: run.state for run in runs}
+    deadline = time.monotonic() + timeout
+    while True:
+        with get_client(sync_client=True) as client:
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
+        states = {run.name: run.state for run in runs}
+        if (states and all(s is not None and s.is_final() for s in states.values())) or time.monotonic() > deadline:
+            return states
+        time.sleep(0.5)
 
 
 def logged_lines(run_id, wanted: str, timeout: float = 20) -> list[str]:
@@ -169,8 +184,8 @@ def test_stage_graph_follows_dvc(repo):
 
 
 @pytest.mark.slow
-def test_pipeline_runs_each_stage_as_a_task_and_pushes(repo):
-    state = kd_pipeline(stages=STAGES, push=True, repo=str(repo), return_state=True)
+def test_pipeline_runs_each_stage_as_a_task_and_pushes(repo, first_run):
+    state = first_run
     assert state.is_completed(), state.message
     result = state.result()
     assert result["results"] == {"prepare": "ran", "teacher": "ran"}
@@ -185,8 +200,10 @@ def test_pipeline_runs_each_stage_as_a_task_and_pushes(repo):
 
 
 @pytest.mark.slow
-def test_stage_runs_nest_under_one_mlflow_parent_run(repo):
-    (parent,) = mlflow_runs(repo, "tags.prefect_flow = 'kd-pipeline'")
+def test_stage_runs_nest_under_one_mlflow_parent_run(built, first_run):
+    repo = built
+    (parent,) = mlflow_runs(repo, f"tags.prefect_flow_run_id = '{flow_run_id(first_run)}'")
+    assert parent.data.tags["prefect_flow"] == "kd-pipeline"
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["dvc_lock_sha256"] == _dvc.lock_digest(repo)
     children = mlflow_runs(repo, f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
@@ -200,7 +217,8 @@ def test_stage_runs_nest_under_one_mlflow_parent_run(repo):
 
 
 @pytest.mark.slow
-def test_second_run_reports_stages_up_to_date(repo):
+def test_second_run_reports_stages_up_to_date(built):
+    repo = built
     lock = _dvc.lock_digest(repo)
     state = kd_pipeline(stages=STAGES, repo=str(repo), return_state=True)
     assert state.is_completed(), state.message
@@ -211,15 +229,16 @@ def test_second_run_reports_stages_up_to_date(repo):
 
 
 @pytest.mark.slow
-def test_cli_entry_point(repo, prefect_api):
+def test_cli_entry_point(built, prefect_api):
+    repo = built
     env = _dvc.environment(PREFECT_API_URL=prefect_api)
     out = _sh([sys.executable, "-m", "flows.pipeline", "--stages", *STAGES, "--repo", str(repo)], REPO, env=env)
     assert out.stdout.splitlines() == ["prepare: up to date", "teacher: up to date"], out.stdout
 
 
 @pytest.mark.slow
-def test_failing_stage_fails_the_flow_with_its_name(repo):
-    _commit(repo, "results")
+def test_failing_stage_fails_the_flow_with_its_name(built):
+    repo = built
     params = repo / "params.yaml"
     good = params.read_bytes()
     junk = repo.parent / "junk.pt"
@@ -240,30 +259,32 @@ def test_failing_stage_fails_the_flow_with_its_name(repo):
 
 
 @pytest.mark.slow
-def test_overrides_run_as_one_recorded_experiment(repo):
-    _commit(repo, "baseline results")
+def test_overrides_run_as_one_recorded_experiment(built):
+    repo = built
     committed = (repo / "params.yaml").read_bytes()
+    try:
+        failed = kd_pipeline(stages=STAGES, overrides={"teacher.model": "no_such_model"}, repo=str(repo),
+                             return_state=True)
+        assert failed.is_failed() and "unknown model" in failed.message
+        assert (repo / "params.yaml").read_bytes() == committed  # a failed experiment leaves params.yaml as it was
 
-    failed = kd_pipeline(stages=STAGES, overrides={"teacher.model": "no_such_model"}, repo=str(repo),
-                         return_state=True)
-    assert failed.is_failed() and "unknown model" in failed.message
-    assert (repo / "params.yaml").read_bytes() == committed  # a failed experiment leaves params.yaml as it was
-
-    state = kd_pipeline(stages=STAGES, overrides={"teacher.epochs": 2}, repo=str(repo), return_state=True)
-    assert state.is_completed(), state.message
-    (name,) = state.result()["results"]
-    assert set(task_runs(flow_run_id(state))) == {name}  # one task, named after the experiment
-    shown = _sh([_dvc.dvc(), "exp", "show", "--json"], repo).stdout
-    assert name in shown
-    assert json.loads((repo / "metrics/teacher.json").read_text())["epochs_run"] == 2
-    assert yaml.safe_load(committed)["teacher"]["epochs"] == 1  # git's params.yaml was never edited
-    _restore(repo)  # back to the baseline for the tests below
+        state = kd_pipeline(stages=STAGES, overrides={"teacher.epochs": 2}, repo=str(repo), return_state=True)
+        assert state.is_completed(), state.message
+        (name,) = state.result()["results"]
+        assert set(task_runs(flow_run_id(state))) == {name}  # one task, named after the experiment
+        shown = _sh([_dvc.dvc(), "exp", "show", "--json"], repo).stdout
+        assert name in shown
+        assert json.loads((repo / "metrics/teacher.json").read_text())["epochs_run"] == 2
+        assert yaml.safe_load(committed)["teacher"]["epochs"] == 1  # git's params.yaml was never edited
+    finally:
+        _restore(repo)  # back to the baseline for the other tests
 
 
 # ---------------------------------------------------------------- kd-sweep
 
 @pytest.mark.slow
-def test_sweep_2x2_two_at_a_time_names_the_best_point_by_validation_accuracy(repo):
+def test_sweep_2x2_two_at_a_time_names_the_best_point_by_validation_accuracy(built):
+    repo = built
     params_before = (repo / "params.yaml").read_bytes()
     grid = {"teacher.lr": [0.05, 0.2], "teacher.epochs": [1, 2]}
     state = kd_sweep(grid=grid, jobs=2, stages=STAGES, repo=str(repo), return_state=True)
@@ -320,7 +341,8 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 @pytest.mark.slow
-def test_nightly_deployment_registers_and_a_worker_runs_it(repo, prefect_api, tmp_path):
+def test_nightly_deployment_registers_and_a_worker_runs_it(built, prefect_api, tmp_path):
+    repo = built
     from prefect import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.deployments import run_deployment

@@ -1,4 +1,4 @@
-"""prepare and teacher stages end to end on digits into a temp dir, and what they log to MLflow."""
+"""prepare and teacher stages end to end on digits (the session's tiny pipeline), and what they log to MLflow."""
 
 from __future__ import annotations
 
@@ -7,27 +7,18 @@ import json
 import mlflow
 import pytest
 import torch
-from conftest import tiny_params, write_params
+from conftest import dvc_stage_names, tiny_params, write_params
 
 from kdpipe import config
 from kdpipe.models import build_model
-from kdpipe.stages import prepare, teacher
+from kdpipe.stages import teacher
 
 
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
-    """prepare + teacher once for the module (tiny recipe), in-process, against a temp MLflow store."""
-    work = tmp_path_factory.mktemp("stages")
-    mp = pytest.MonkeyPatch()
-    mp.chdir(work)
-    mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-    params = tiny_params(work)
-    write_params(work / "params.yaml", params)
-    cfg = config.load(work / "params.yaml")
-    meta = prepare.run(cfg)
-    metrics = teacher.run(cfg)
-    yield work, cfg, meta, metrics
-    mp.undo()
+@pytest.fixture
+def pipeline(tiny_pipeline):
+    """The session's tiny pipeline as these tests read it: workspace, config, prepare's meta, teacher's metrics."""
+    p = tiny_pipeline
+    return p.work, p.cfg, p.results["prepare"], p.results["teacher"]
 
 
 def test_prepare_outputs(pipeline):
@@ -61,12 +52,11 @@ def test_teacher_outputs_and_checkpoint(pipeline):
     assert not list(work.rglob(".*.tmp-*"))  # atomic writes leave no temp files
 
 
-def test_mlflow_runs_have_params_curves_tags_and_device_facts(pipeline):
+def test_mlflow_runs_have_params_curves_tags_and_device_facts(tiny_pipeline, pipeline):
     work, cfg, meta, _ = pipeline
+    assert set(tiny_pipeline.run_ids) == set(dvc_stage_names())  # one run per stage, named after it
     mlflow.set_tracking_uri(cfg.tracking.uri)
-    runs = mlflow.search_runs(experiment_names=[cfg.tracking.experiment], output_format="list")
-    by_name = {r.info.run_name: r for r in runs}
-    assert set(by_name) == {"prepare", "teacher"}
+    by_name = {name: mlflow.get_run(run_id) for name, run_id in tiny_pipeline.run_ids.items()}
     run = by_name["teacher"]
     assert run.info.status == "FINISHED"
     assert run.data.params["teacher.epochs"] == "2" and run.data.params["data.dataset"] == "digits"
@@ -80,11 +70,11 @@ def test_mlflow_runs_have_params_curves_tags_and_device_facts(pipeline):
     assert by_name["prepare"].data.tags["dataset_digest"] == meta["digest"]
 
 
-def test_teacher_from_checkpoint_reuses_without_training(pipeline, tmp_path, monkeypatch):
+def test_teacher_from_checkpoint_reuses_without_training(tiny_pipeline, pipeline, tmp_path, monkeypatch):
     work, cfg, _, metrics = pipeline
     brought = tmp_path / "my_teacher.pt"
     brought.write_bytes((work / "models/teacher.pt").read_bytes())
-    params = tiny_params(work, teacher__source="checkpoint", teacher__checkpoint=str(brought))
+    params = tiny_pipeline.params_with(teacher__source="checkpoint", teacher__checkpoint=str(brought))
     params["paths"]["metrics"] = str(tmp_path / "metrics")
     params["paths"]["models"] = str(tmp_path / "models")
     params["paths"]["plots"] = str(tmp_path / "plots")
@@ -94,11 +84,11 @@ def test_teacher_from_checkpoint_reuses_without_training(pipeline, tmp_path, mon
     assert reused["test_accuracy"] == pytest.approx(metrics["test_accuracy"])
 
 
-def test_bad_checkpoint_is_one_line_exit_2_outputs_untouched(pipeline, tmp_path, monkeypatch, capsys):
+def test_bad_checkpoint_is_one_line_exit_2_outputs_untouched(tiny_pipeline, pipeline, tmp_path, monkeypatch, capsys):
     work, *_ = pipeline
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint")
-    params = tiny_params(work, teacher__source="checkpoint", teacher__checkpoint=str(junk))
+    params = tiny_pipeline.params_with(teacher__source="checkpoint", teacher__checkpoint=str(junk))
     path = write_params(tmp_path / "p.yaml", params)
     monkeypatch.chdir(work)
     before = (work / "models/teacher.pt").read_bytes(), (work / "metrics/teacher.json").read_bytes()

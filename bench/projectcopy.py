@@ -1,5 +1,10 @@
 """A copy of the project as a fresh clone has it (for DVC, Prefect and benchmark runs in a temp dir), and the
-tiny-training version of its params. Used by tests and by bench/flow_overhead.py."""
+tiny-training version of its params.
+
+Used by bench/flow_overhead.py and by the tests (tests/conftest.py puts bench/ on sys.path). It lives here, not
+in tests/, because a benchmark must not import the test suite; and not in kdpipe/, because it is a developer's
+tool that the package does not ship.
+"""
 
 from __future__ import annotations
 
