@@ -22,9 +22,17 @@ venv:
 	  echo "$$want" > $(VENV)/.pyproject.sha256; \
 	fi
 
+# DVC refuses a second `dvc repro` in a checkout while one runs a stage (its "busy" rwlock); its error goes
+# through tee (stdout untouched) so that the refusal ends with one plain line saying why. --wait-for-lock: DVC
+# lets go of its repo lock while a stage runs and must take it back after; waiting for it there (instead of
+# failing after 3 s) keeps a run from failing because another dvc command holds it for a moment.
 run: venv
 	kdpipe check-params
-	dvc repro
+	@set -o pipefail; err=$$(mktemp); echo "dvc --wait-for-lock repro"; \
+	{ dvc --wait-for-lock repro 2>&1 1>&3 | tee "$$err" >&2; } 3>&1; rc=$$?; \
+	if [ $$rc -ne 0 ] && grep -qE "Unable to acquire lock|is busy, it is being blocked by" "$$err"; then \
+	  echo "kdpipe: another dvc command is running in this checkout (.dvc/tmp/lock); wait for it or stop it" >&2; \
+	fi; rm -f "$$err"; exit $$rc
 
 test: venv
 	python -m pytest -q
@@ -34,6 +42,13 @@ test-fast: venv
 
 ui: venv
 	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
+
+# The repo's store as a tracking server (artifacts served through it), on loopback only: reach it from elsewhere
+# through an SSH tunnel or a proxy that authenticates. Then: export MLFLOW_TRACKING_URI=http://127.0.0.1:5000
+.PHONY: mlflow-server
+mlflow-server: venv
+	mlflow server --host 127.0.0.1 --port 5000 --workers 1 \
+	  --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --serve-artifacts --artifacts-destination $(CURDIR)/mlartifacts
 
 lint: venv
 	ruff check kdpipe tests flows bench

@@ -6,10 +6,13 @@ Ctrl-C never leaves half a file where DVC or the next stage would read it.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import errno
 import io
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -25,19 +28,56 @@ class CheckpointError(UserError):
     """A checkpoint that cannot be used: the message names the file and what is wrong."""
 
 
+class OutputError(UserError):
+    """An output that cannot be written (read-only folder, a file in the way, full disk): the message names the
+    file or folder; whatever was there before stays as it was."""
+
+
+# What to do about the OSErrors a write meets: the environment's fault, not kdpipe's.
+WRITE_FIXES = {
+    errno.ENOSPC: "free disk space and rerun", errno.EDQUOT: "free disk space (quota) and rerun",
+    errno.EFBIG: "the file exceeds the size limit (ulimit -f); raise it or free space, and rerun",
+    errno.EROFS: "the file system is read-only; point paths.* at a writable folder",
+    errno.EACCES: "make the folder writable or point paths.* elsewhere",
+    errno.EPERM: "make the folder writable or point paths.* elsewhere",
+    errno.ENOTDIR: "a file stands where a folder is expected; move it or point paths.* elsewhere",
+    errno.EEXIST: "a file stands where a folder is expected; move it or point paths.* elsewhere",
+}
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write to a temporary name beside `path`, then rename: `path` is either the old file or the new one.
+    A failed write (full disk, read-only folder) is an OutputError naming the file, the old file untouched."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        where = f": {e.filename}" if e.filename and Path(e.filename) not in (tmp, path) else ""
+        fix = WRITE_FIXES.get(e.errno, "check that the folder is writable and the disk has room")
+        raise OutputError(f"{path}: cannot write it ({e.strerror or e}{where}); {fix}") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a missing folder or a file in the way has no temp file to remove
+            tmp.unlink(missing_ok=True)
     return path
+
+
+def require_writable(folders: dict[str, str | Path]) -> None:
+    """Fail before any work when an output folder (`paths.<key>` → folder) cannot be created or written:
+    a file in the way, or a read-only place. Creates nothing."""
+    for key, folder in folders.items():
+        folder = Path(folder)
+        existing = next(p for p in (folder, *folder.parents) if p.exists())
+        if not existing.is_dir():
+            raise OutputError(f"{key}: {folder} cannot be a folder, {existing} is a file; "
+                              f"move that file or point {key} elsewhere")
+        if not os.access(existing, os.W_OK):  # also false for root on a read-only file system
+            raise OutputError(f"{key}: {existing} is not writable; make it writable or point {key} elsewhere")
 
 
 def write_json(path: str | Path, obj: Any) -> Path:
@@ -66,25 +106,43 @@ def save_torch(path: str | Path, obj: Any) -> Path:
     return atomic_write_bytes(path, buf.getvalue())
 
 
-def load_torch(path: str | Path, error: type[UserError], *, missing: str, unreadable: str):
+def load_torch(path: str | Path, error: type[UserError], *, missing: str, unreadable: str, fix: str = ""):
     """torch.load(weights_only=True) of a file another stage wrote; `error` with a one-line message naming the
-    file when it is missing ("<path>: <missing>") or unreadable ("<path>: <unreadable> (<exception>)")."""
+    file when it is missing ("<path>: <missing>") or unreadable ("<path>: <unreadable> (<reason>)[; <fix>]")."""
     path = Path(path)
     if not path.is_file():
         raise error(f"{path}: {missing}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # foreign pickles warn about their protocol: the error says enough
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - truncated, corrupt or foreign files raise many types
-        raise error(f"{path}: {unreadable} ({type(e).__name__}: {e})".splitlines()[0]) from None
+        raise error(f"{path}: {unreadable} ({load_failure(e)})" + (f"; {fix}" if fix else "")) from None
+
+
+def load_failure(e: Exception) -> str:
+    """The informative part of a torch.load exception, on one line (weights-only failures wrap it in a
+    paragraph about PyTorch 2.6's defaults)."""
+    text = str(e)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation", 1)[0]
+    detail = " ".join(text.split())
+    if len(detail) > 200:
+        detail = detail[:200] + "..."
+    return f"{type(e).__name__}: {detail}" if detail else f"{type(e).__name__}, the file is empty or truncated"
 
 
 def load_prepared(path: str | Path) -> dict:
     """The prepare stage's dataset file (Paths.dataset); a clear error when it is missing or not ours."""
+    rerun = "rerun the prepare stage (dvc repro prepare)"
     data = load_torch(path, DataError, missing="not found; run the prepare stage first (dvc repro prepare)",
-                      unreadable="not a readable prepared dataset")
-    missing = [k for k in ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y", "classes") if k not in data]
+                      unreadable="not readable, truncated or corrupt", fix=rerun)
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: holds a {type(data).__name__}, not a prepared dataset; {rerun}")
+    missing = [k for k in ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y", "classes", "digest")
+               if k not in data]
     if missing:
-        raise DataError(f"{path}: missing {', '.join(missing)}; rerun the prepare stage")
+        raise DataError(f"{path}: missing {', '.join(missing)}; {rerun}")
     return data
 
 
@@ -137,12 +195,37 @@ def build_from_checkpoint(path: str | Path, *, fallback_model: str | None = None
         # A bare state dict is the network alone: prefix it as our body and keep the dataset's normalisation.
         state = {(k if k.startswith("body.") else f"body.{k}"): v for k, v in state.items()}
         state = {"mean": model.mean, "std": model.std, **state}
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        first = str(e).splitlines()[0]
-        raise CheckpointError(f"{path}: weights do not fit {name}: {first}") from None
+    misfit = _misfit(model, state)
+    if not misfit:
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            misfit = str(e).splitlines()[0]
+    if misfit:
+        raise CheckpointError(f"{path}: weights do not fit {name} ({misfit})")
     return model, ckpt
+
+
+def _misfit(model, state: dict) -> str:
+    """Why `state` would not load into `model`, in a few words ("" when it fits): the first tensor of another
+    shape, else how many keys are missing and unexpected (another architecture)."""
+    own = model.state_dict()
+    for key, value in state.items():
+        if key in own and (not isinstance(value, torch.Tensor) or value.shape != own[key].shape):
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            return f"{key} is {shape} in the file, {tuple(own[key].shape)} in {model.name}"
+    missing, unexpected = [k for k in own if k not in state], [k for k in state if k not in own]
+    parts = [f"{len(missing)} missing keys such as {missing[0]}"] if missing else []
+    parts += [f"{len(unexpected)} unexpected keys such as {unexpected[0]}"] if unexpected else []
+    return ", ".join(parts)
+
+
+def require_same_data(path: str | Path, found: object, digest: str, *, stage: str) -> None:
+    """A file that records the dataset digest it was made from (`found`; None in files older than the digest)
+    must have been made from the data prepared now; CheckpointError naming it and the stage to rerun otherwise."""
+    if found not in (None, digest):
+        raise CheckpointError(f"{path}: made for another dataset (digest {str(found)[:12]}, prepared data is "
+                              f"{digest[:12]}); rerun the {stage} stage (dvc repro {stage})")
 
 
 def load_trained(path: str | Path, digest: str, *, stage: str):
@@ -154,8 +237,9 @@ def load_trained(path: str | Path, digest: str, *, stage: str):
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: not found; run the {stage} stage first (dvc repro {stage})")
-    model, ckpt = build_from_checkpoint(path)
-    if ckpt.get("dataset_digest") not in (None, digest):
-        raise CheckpointError(f"{path}: made for another dataset (digest {ckpt['dataset_digest'][:12]}, "
-                              f"prepared data is {digest[:12]}); rerun the {stage} stage (dvc repro {stage})")
+    try:
+        model, ckpt = build_from_checkpoint(path)
+    except CheckpointError as e:  # corrupt, truncated or foreign: the stage that writes it can write it again
+        raise CheckpointError(f"{e}; rerun the {stage} stage (dvc repro {stage})") from None
+    require_same_data(path, ckpt.get("dataset_digest"), digest, stage=stage)
     return model.cpu().eval(), ckpt

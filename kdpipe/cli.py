@@ -1,11 +1,14 @@
-"""`kdpipe` command line: check-params, list, predict."""
+"""`kdpipe` command line: check-params, list, predict, verify."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from kdpipe.errors import EXIT_USER_ERROR
+
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a writer whose reader went away
 
 
 def check_params(path: str | None) -> int:
@@ -59,17 +62,37 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--top", type=int, default=3, help="how many classes to show per image (default 3)")
     pred.add_argument("--tracking-uri", default=None,
                       help="MLflow store for models:/ URIs (default: MLFLOW_TRACKING_URI, else ./mlflow.db)")
+    ver = sub.add_parser("verify", help="re-hash the pipeline's outputs against dvc.lock (exit 1 and one line "
+                                        "per mismatch if any differ)")
+    ver.add_argument("repo", nargs="?", default=".", help="the checkout holding dvc.lock (default .)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one command. A reader that stops early (`kdpipe list models | head -1`) ends it quietly with
+    EXIT_BROKEN_PIPE, as SIGPIPE ends coreutils: the output was cut, so not 0, and no traceback."""
+    try:
+        try:
+            return run(build_parser().parse_args(argv))
+        finally:
+            sys.stdout.flush()  # a closed pipe shows here (after --help too), not in the flush at exit
+    except BrokenPipeError:
+        # Python's recipe (docs: signal, "Note on SIGPIPE"): stdout to devnull, so the flush at exit is quiet.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+
+
+def run(args: argparse.Namespace) -> int:
     if args.command == "check-params":
         return check_params(args.file)
     if args.command == "predict":
         from kdpipe import predict
 
         return predict.main(args)
+    if args.command == "verify":
+        from kdpipe import verify
+
+        return verify.main(args.repo)
     if args.what == "models":
         return list_models(args.in_channels, args.num_classes)
     return list_losses()

@@ -139,9 +139,35 @@ def prepare_dataset(raw: RawDataset, val_fraction: float, test_fraction: float, 
         split: torch.bincount(prepared[f"{split}_y"], minlength=len(raw.classes)).tolist()
         for split in ("train", "val", "test")
     }
+    carved = ("train", "val") if official else ("train", "val", "test")  # the splits taken from raw.train_x
+    require_every_class(prepared["class_counts"], raw.classes, carved, val_fraction, test_fraction)
     prepared["image_shape"] = list(raw.train_x.shape[1:])
     prepared["digest"] = dataset_digest(prepared)
     return prepared
+
+
+def require_every_class(counts: dict[str, list[int]], classes: list[str], carved: tuple[str, ...],
+                        val_fraction: float, test_fraction: float) -> None:
+    """Refuse splits carved from the training pool (`carved`) that lack a class: a model never trained on it,
+    or chosen and scored on splits without it, would hide that silently. Names the first such class."""
+    lacking = [i for i in range(len(classes)) if any(counts[split][i] == 0 for split in carved)]
+    if not lacking:
+        return
+    i, name = lacking[0], classes[lacking[0]]
+    empty = [split for split in carved if counts[split][i] == 0]
+    total = sum(counts[split][i] for split in carved)
+    if total < len(carved):
+        fix = f"add images of {name!r}: it needs at least {len(carved)}, one per split"
+    elif "train" in empty:
+        fix = f"add images of {name!r} or lower the fractions"
+    else:
+        fix = f"add images of {name!r} or raise " + " and ".join(f"data.{split}_fraction" for split in empty)
+    fractions = f"data.val_fraction {val_fraction}"
+    if "test" in carved:
+        fractions += f", data.test_fraction {test_fraction}"
+    others = f" (and {len(lacking) - 1} more classes)" if len(lacking) > 1 else ""
+    raise DataError(f"class {name!r} has {total} image(s), which leaves {' and '.join(empty)} without any "
+                    f"({fractions}){others}; {fix}")
 
 
 def channel_stats(x_uint8: torch.Tensor) -> tuple[list[float], list[float]]:

@@ -201,7 +201,9 @@ def _unpickle(name: str, path: Path) -> dict:
         with path.open("rb") as f:
             obj = pickle.load(f, encoding="latin1")
     except Exception as exc:  # a corrupt pickle can fail in many ways
-        raise DataError(f"{name}: cannot unpickle {path}: {exc}") from exc
+        reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
+        raise DataError(f"{name}: cannot unpickle {path} ({reason}); the copy is damaged: delete "
+                        f"{path.parent} and fetch it again (data.download: true)") from exc
     if not isinstance(obj, dict):
         raise DataError(f"{name}: {path} holds a {type(obj).__name__}, expected a dict")
     return obj

@@ -40,15 +40,22 @@ def can_use_cached_logits(student: StudentConfig, weights: dict[str, float]) -> 
 
 
 def load_teacher_outputs(paths: Paths, prepared: dict) -> dict:
-    """The teacher stage's logits and difficulty over the train split, checked against the prepared data."""
-    from kdpipe.artifacts import CheckpointError, load_torch
+    """The teacher stage's logits (N_train, K) and difficulty (N_train,) over the train split, checked against the
+    prepared data: readable, complete, made from this dataset, one row per training image."""
+    from kdpipe.artifacts import CheckpointError, load_torch, require_same_data
 
-    path = paths.teacher_outputs
+    path, rerun = paths.teacher_outputs, "rerun the teacher stage (dvc repro teacher)"
     outputs = load_torch(path, CheckpointError, missing="not found; run the teacher stage first (dvc repro teacher)",
-                         unreadable="not readable; rerun the teacher stage (dvc repro teacher)")
-    if outputs["train_logits"].shape[0] != len(prepared["train_y"]):
-        raise CheckpointError(f"{path}: {outputs['train_logits'].shape[0]} rows, the train split has "
-                              f"{len(prepared['train_y'])}; rerun the teacher stage")
+                         unreadable="not readable, truncated or corrupt", fix=rerun)
+    if not isinstance(outputs, dict) or not all(isinstance(outputs.get(k), torch.Tensor)
+                                                for k in ("train_logits", "difficulty")):
+        raise CheckpointError(f"{path}: lacks the train_logits and difficulty tensors; {rerun}")
+    require_same_data(path, outputs.get("dataset_digest"), prepared["digest"], stage="teacher")
+    expected = (len(prepared["train_y"]), len(prepared["classes"]))
+    found = (tuple(outputs["train_logits"].shape), tuple(outputs["difficulty"].shape))
+    if found != (expected, expected[:1]):
+        raise CheckpointError(f"{path}: logits {found[0]} and difficulty {found[1]}, the train split needs "
+                              f"{expected} and {expected[:1]}; {rerun}")
     return outputs
 
 

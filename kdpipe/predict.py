@@ -4,6 +4,10 @@ No torch here, nor any kdpipe module that imports it: this is the path a model t
 environment. A registry URI (models:/name@alias, models:/name/3) is downloaded with mlflow first, through
 kdpipe.registry. Everything the model needs is in the ONNX file's metadata: class names, the input size
 C×H×W, and the contract float32 (N, C, H, W) in [0, 1] with normalisation inside the graph.
+
+Images are read as the prepare stage reads an image folder (grey or RGB by the model's channels, an alpha
+channel dropped), except that 16-bit grey images are scaled to 8 bits instead of clipped. A folder stands for
+the image files directly inside it.
 """
 
 from __future__ import annotations
@@ -15,6 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from kdpipe.errors import EXIT_USER_ERROR, UserError
+
+# The image files a folder contributes; the same list as kdpipe.datasets (which imports torch).
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 
 
 class PredictError(UserError):
@@ -32,7 +39,7 @@ def model_path(model: str, tracking_uri: str | None, download_to: str | Path) ->
             raise PredictError(str(e)) from None
     path = Path(model)
     if not path.is_file():
-        raise PredictError(f"{model}: model file not found")
+        raise PredictError(f"{model}: model file not found; pass an .onnx file or a models:/ registry URI")
     return path
 
 
@@ -44,18 +51,62 @@ def default_tracking_uri() -> str:
     return tracking_uri(TrackingConfig())
 
 
+def reason(e: BaseException) -> str:
+    """An exception as a short phrase for a one-line message."""
+    text = getattr(e, "strerror", None) or str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def load(path: Path):
     """(onnxruntime session, class names, (C, H, W)) from an exported file's metadata."""
     import onnxruntime
 
+    check_external_data(path)
     try:
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types for unreadable files
-        raise PredictError(f"{path}: onnxruntime cannot load it ({type(e).__name__})") from None
+        raise PredictError(f"{path}: onnxruntime cannot load it ({type(e).__name__}); re-export the model "
+                           "or download it again") from None
     meta = session.get_modelmeta().custom_metadata_map
     shape = input_shape(meta, session)
     classes = json.loads(meta["classes"]) if "classes" in meta else None
     return session, classes, shape
+
+
+def check_external_data(path: Path) -> None:
+    """Refuse a model whose tensors take their data from a file outside the model's folder (an absolute
+    path, or ../ out of it), before onnxruntime opens anything: a crafted model could make it read any file."""
+    import onnx
+
+    try:
+        proto = onnx.load(path, load_external_data=False)
+    except Exception as e:  # noqa: BLE001 - protobuf and onnx raise several types for a corrupt file
+        raise PredictError(f"{path}: not a readable ONNX model ({reason(e)}); re-export the model or download "
+                           "it again") from None
+    folder = path.parent.resolve()
+    for tensor in graph_tensors(proto.graph):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = next((entry.value for entry in tensor.external_data if entry.key == "location"), "")
+        if Path(location).is_absolute() or not (folder / location).resolve().is_relative_to(folder):
+            raise PredictError(f"{path}: tensor {tensor.name!r} takes its data from {location!r}, outside the "
+                               "model's folder; refusing to load it (only use models you trust)")
+
+
+def graph_tensors(graph):
+    """Every tensor a graph holds: initializers and node-attribute constants, subgraphs included."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield from (sparse.values, sparse.indices)
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.HasField("t"):
+                yield attribute.t
+            yield from attribute.tensors
+            if attribute.HasField("g"):
+                yield from graph_tensors(attribute.g)
+            for subgraph in attribute.graphs:
+                yield from graph_tensors(subgraph)
 
 
 def input_shape(meta: dict[str, str], session) -> tuple[int, int, int]:
@@ -69,24 +120,53 @@ def input_shape(meta: dict[str, str], session) -> tuple[int, int, int]:
     return tuple(dims)
 
 
+def image_files(paths: list[str]) -> list[Path]:
+    """The images to classify: files as given, each folder replaced by the image files directly inside it
+    (sorted by name). A folder without any is an error."""
+    files = []
+    for path in map(Path, paths):
+        if not path.is_dir():
+            files.append(path)
+            continue
+        found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        if not found:
+            raise PredictError(f"{path}: folder holds no images ({' '.join(IMAGE_EXTENSIONS)}); pass image "
+                               "files or a folder of them")
+        files += found
+    return files
+
+
 def read_image(path: str | Path, shape: tuple[int, int, int]) -> np.ndarray:
-    """One image as float32 (C, H, W) in [0, 1]: grey (L) or RGB by the model's channels, resized to H×W."""
+    """One image as float32 (C, H, W) in [0, 1]: grey (L) or RGB by the model's channels (alpha dropped, as
+    the prepare stage does), 16-bit grey scaled to 8 bits, resized to H×W."""
     from PIL import Image, UnidentifiedImageError
 
     c, h, w = shape
+    if c not in (1, 3):
+        raise PredictError(f"the model takes {c} channels; only 1 (grey) and 3 (RGB) images are supported")
     try:
         with Image.open(path) as image:
-            image = image.convert("L" if c == 1 else "RGB").resize((w, h), Image.Resampling.BILINEAR)
+            image = to_8bit(image).convert("L" if c == 1 else "RGB").resize((w, h), Image.Resampling.BILINEAR)
             pixels = np.asarray(image, dtype=np.float32) / 255.0  # (H, W) or (H, W, 3)
     except FileNotFoundError:
         raise PredictError(f"{path}: image not found") from None
-    except (UnidentifiedImageError, OSError) as e:
-        raise PredictError(f"{path}: not a readable image ({type(e).__name__})") from None
-    if c == 1:
-        return pixels[None]  # (1, H, W)
-    if c == 3:
-        return pixels.transpose(2, 0, 1)  # (H, W, 3) -> (3, H, W)
-    raise PredictError(f"the model takes {c} channels; only 1 (grey) and 3 (RGB) images are supported")
+    except UnidentifiedImageError:
+        raise PredictError(f"{path}: not an image Pillow can identify; pass PNG, JPEG, BMP, GIF or WebP "
+                           "files") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise PredictError(f"{path}: unreadable image ({reason(e)}); re-save or replace the file") from None
+    return pixels[None] if c == 1 else pixels.transpose(2, 0, 1)  # (1, H, W), or (H, W, 3) -> (3, H, W)
+
+
+def to_8bit(image):
+    """16-bit grey (Pillow modes I;16* and I) as 8-bit L, v / 257 rounded (65535 -> 255): Pillow's own
+    convert("L") clips every value above 255 to white. Any other image is returned as it is."""
+    from PIL import Image
+
+    if image.mode != "I" and not image.mode.startswith("I;16"):
+        return image
+    pixels = np.asarray(image, dtype=np.float64)  # (H, W), 0..65535
+    return Image.fromarray(np.clip(np.rint(pixels / 257.0), 0, 255).astype(np.uint8))
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -96,18 +176,19 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def predict(model: str, images: list[str], top: int = 3, tracking_uri: str | None = None) -> list[dict]:
-    """[{image, top: [(class, probability), ...]}] for each image, best first."""
+    """[{image, top: [(class, probability), ...]}] for each image (folders expanded), best first."""
     import tempfile
 
+    files = image_files(images)  # before any download: a bad folder fails fast
     with tempfile.TemporaryDirectory(prefix="kdpipe-predict-") as tmp:
         session, classes, shape = load(model_path(model, tracking_uri, tmp))  # the session holds the model
-    batch = np.stack([read_image(p, shape) for p in images])  # (N, C, H, W) float32
+    batch = np.stack([read_image(p, shape) for p in files])  # (N, C, H, W) float32
     logits = session.run(None, {session.get_inputs()[0].name: batch})[0]  # (N, K)
     probs = softmax(logits.astype(np.float64))
     classes = classes or [str(i) for i in range(probs.shape[1])]
     k = max(1, min(top, probs.shape[1]))
     return [{"image": str(p), "top": [(classes[j], float(row[j])) for j in np.argsort(-row)[:k]]}
-            for p, row in zip(images, probs, strict=True)]
+            for p, row in zip(files, probs, strict=True)]
 
 
 def format_results(results: list[dict]) -> str:

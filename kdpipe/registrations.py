@@ -1,5 +1,5 @@
 """The export stage's registry versions: teacher, student and int8 described and tagged from the typed export
-results, then registered through kdpipe/registry.py (which applies the candidate/champion gate).
+results, then registered through kdpipe/registry.py (which applies the candidate/champion gate of gate.py).
 
 The teacher's kdpipe checkpoint is logged beside its version (tag `checkpoint_artifact`), so a later run can
 reuse it with teacher.source: registry. No mlflow import here: kdpipe/registry.py does that.

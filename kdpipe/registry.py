@@ -4,15 +4,7 @@ Part of the tracking layer: with kdpipe/tracking.py, this is the only code that 
 inside functions, through `tracking.import_mlflow`, and never imports torch: `kdpipe predict` downloads
 registered models through it without torch.
 
-The promotion rule (`champion_decision`), applied to every new version of a registered model:
-  * `candidate` always moves to the new version: it is "the latest export that passed its checks";
-  * `champion` moves to it when parity passed and
-      - there is no champion yet, or
-      - the champion was made on another dataset (its `dataset_digest` tag differs): the data changed, and an
-        accuracy measured on other test images is not comparable, so the newest model wins, or
-      - its test accuracy is ≥ the champion's (ties go to the newer model: same quality, newer code);
-    a champion without a readable `test_accuracy` tag (registered by hand) counts as beatable.
-Only what the rule reads is trusted: the `test_accuracy` and `dataset_digest` version tags.
+The promotion rule and its lock live in kdpipe/gate.py; `register_onnx` applies it to every new version.
 """
 
 from __future__ import annotations
@@ -22,8 +14,6 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-CANDIDATE = "candidate"
-CHAMPION = "champion"
 CHECKPOINT_TAG = "checkpoint_artifact"  # on teacher versions: runs:/ URI of the kdpipe checkpoint (.pt)
 ONNX_FILE = "model.onnx"  # where the ONNX flavour keeps the model inside a logged MLflow model
 _URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+|latest))$")
@@ -55,59 +45,6 @@ def _mlflow():
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     return import_mlflow()
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The gate
-
-
-def champion_decision(test_accuracy: float, dataset_digest: str, champion_tags: dict[str, str] | None,
-                      *, parity_passed: bool = True) -> tuple[bool, str]:
-    """(take champion?, why) for a new version with `test_accuracy` on `dataset_digest`, given the current
-    champion's version tags (None when there is none). Pure: the rule of the module docstring."""
-    if not parity_passed:
-        return False, "parity failed"
-    if champion_tags is None:
-        return True, "no champion yet"
-    if champion_tags.get("dataset_digest") != dataset_digest:
-        return True, "data changed: the champion was made on another dataset digest"
-    try:
-        best = float(champion_tags["test_accuracy"])
-    except (KeyError, ValueError):
-        return True, "the champion has no readable test_accuracy tag"
-    if test_accuracy >= best:
-        return True, f"test accuracy {test_accuracy:.4f} >= champion's {best:.4f}"
-    return False, f"test accuracy {test_accuracy:.4f} < champion's {best:.4f}"
-
-
-def current_champion(client, name: str):
-    """The version holding `champion`, or None."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
-        return None
-
-
-def apply_gate(client, name: str, version: str, *, parity_passed: bool = True) -> dict:
-    """Give `version` the candidate alias, and champion when `champion_decision` says so.
-
-    The new version's own `test_accuracy` and `dataset_digest` tags are what gets compared. Returns
-    {version, aliases, champion, previous_champion, reason}.
-    """
-    new = client.get_model_version(name, version)
-    accuracy = float(new.tags.get("test_accuracy", "nan"))
-    champion = current_champion(client, name)
-    take, reason = champion_decision(accuracy, new.tags.get("dataset_digest", ""),
-                                     None if champion is None else dict(champion.tags),
-                                     parity_passed=parity_passed)
-    client.set_registered_model_alias(name, CANDIDATE, version)
-    if take:
-        client.set_registered_model_alias(name, CHAMPION, version)
-    aliases = sorted(a for a, v in client.get_registered_model(name).aliases.items() if str(v) == str(version))
-    return {"version": str(version), "aliases": aliases, "champion": take,
-            "previous_champion": None if champion is None else str(champion.version), "reason": reason}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -150,6 +87,8 @@ def register_onnx(entry: Registration, input_example, *, parity_passed: bool = T
         client.set_model_version_tag(entry.name, version, key, str(value))
     if entry.description:
         client.update_model_version(entry.name, version, description=entry.description)
+    from kdpipe.gate import apply_gate
+
     return apply_gate(client, entry.name, version, parity_passed=parity_passed)
 
 
@@ -179,14 +118,26 @@ def parse_uri(uri: str) -> tuple[str, str | None, str | None]:
     return match["name"], match["alias"], match["version"]
 
 
+def require_store(tracking_uri: str) -> None:
+    """RegistryError unless a sqlite store exists: MLflow would create an empty one (a new mlflow.db wherever
+    the URI points) and then report the model missing from it."""
+    from kdpipe.tracking import sqlite_path
+
+    path = sqlite_path(tracking_uri)
+    if path is not None and not path.is_file():
+        raise RegistryError(f"{tracking_uri}: no MLflow store at {path}; point the tracking URI at the store "
+                            "that holds the registry")
+
+
 def resolve(uri: str, tracking_uri: str):
     """The ModelVersion a models:/ URI names, or RegistryError naming the URI and the store."""
     mlflow = _mlflow()
     from mlflow.exceptions import MlflowException
 
     name, alias, version = parse_uri(uri)
-    client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    require_store(tracking_uri)
     try:
+        client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
         if alias:
             return client.get_model_version_by_alias(name, alias)
         if version == "latest":
@@ -202,17 +153,12 @@ def resolve(uri: str, tracking_uri: str):
 
 def download_teacher_checkpoint(uri: str, tracking_uri: str, dst: str | Path) -> Path:
     """The kdpipe teacher checkpoint that the export stage logged next to a registered teacher version."""
-    mlflow = _mlflow()
     version = resolve(uri, tracking_uri)
     source = version.tags.get(CHECKPOINT_TAG)
     if not source:
         raise RegistryError(f"{uri}: version {version.version} has no {CHECKPOINT_TAG} tag, so no kdpipe "
                             "checkpoint to reuse (register teachers with the export stage)")
-    try:
-        path = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst), tracking_uri=tracking_uri)
-    except Exception as e:  # noqa: BLE001 - missing artifacts surface as several exception types
-        raise RegistryError(f"{uri}: cannot download {source} ({type(e).__name__})") from None
-    return Path(path)
+    return _download(uri, source, dst, tracking_uri)
 
 
 def download_onnx(uri: str, tracking_uri: str, dst: str | Path | None = None) -> Path:
@@ -220,9 +166,22 @@ def download_onnx(uri: str, tracking_uri: str, dst: str | Path | None = None) ->
     mlflow = _mlflow()
     version = resolve(uri, tracking_uri)
     dst = Path(dst or tempfile.mkdtemp(prefix="kdpipe-model-"))
-    folder = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{version.name}/{version.version}",
-                                                 dst_path=str(dst), tracking_uri=tracking_uri)
-    path = Path(folder) / ONNX_FILE
+    # The artifact location, asked of this store: a models:/ URI given to download_artifacts is resolved in
+    # mlflow's global registry (./mlflow.db when none is set), whatever tracking_uri says.
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    source = client.get_model_version_download_uri(version.name, version.version)
+    path = _download(uri, source, dst, tracking_uri) / ONNX_FILE
     if not path.is_file():
         raise RegistryError(f"{uri}: version {version.version} holds no {ONNX_FILE} (not an ONNX-flavour model)")
     return path
+
+
+def _download(uri: str, source: str, dst: str | Path, tracking_uri: str) -> Path:
+    """The artifact `source` (a file, folder or runs:/ URI) downloaded into `dst`; RegistryError naming the
+    registry `uri` it belongs to when it cannot be."""
+    mlflow = _mlflow()
+    try:
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst),
+                                                        tracking_uri=tracking_uri))
+    except Exception as e:  # noqa: BLE001 - missing artifacts surface as several exception types
+        raise RegistryError(f"{uri}: cannot download {source} ({type(e).__name__})") from None

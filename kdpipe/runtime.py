@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from kdpipe.config import ConfigError
+
 
 @dataclass(frozen=True)
 class Runtime:
@@ -39,12 +41,15 @@ def seed_everything(seed: int) -> None:
 
 def setup(seed: int, device: str | None = None) -> Runtime:
     """Pick the device (CUDA when present unless KDPIPE_DEVICE says otherwise), the CPU threads
-    (KDPIPE_THREADS, default torch's), seed everything, and make CPU runs repeatable bit for bit."""
-    name = device or os.environ.get("KDPIPE_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if os.environ.get("KDPIPE_THREADS"):
+    (KDPIPE_THREADS, default torch's), seed everything, and make CPU runs repeatable bit for bit.
+    A device or thread count this machine cannot honour is a ConfigError naming the variable."""
+    dev = pick_device(device)
+    threads = os.environ.get("KDPIPE_THREADS")
+    if threads:
+        if not threads.isdigit() or int(threads) < 1:
+            raise ConfigError(f"KDPIPE_THREADS={threads!r}: must be a whole number >= 1; fix or unset it")
         # Two jobs sharing few cores each with all threads thrash at every op barrier (10x slower measured).
-        torch.set_num_threads(int(os.environ["KDPIPE_THREADS"]))
+        torch.set_num_threads(int(threads))
     seed_everything(seed)
     if dev.type == "cpu":
         # Deterministic kernels cost little on CPU and make a rerun give the same numbers.
@@ -53,6 +58,24 @@ def setup(seed: int, device: str | None = None) -> Runtime:
     torch.backends.cudnn.benchmark = True
     bf16 = dev.type == "cuda" and torch.cuda.is_bf16_supported()
     return Runtime(dev, torch.bfloat16 if bf16 else None)
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    """`device`, else KDPIPE_DEVICE, else CUDA when present, else the CPU; checked by placing an empty tensor
+    there, so a missing GPU fails now, in one line, rather than mid-training."""
+    source = "device" if device else "KDPIPE_DEVICE"
+    name = device or os.environ.get("KDPIPE_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"{source}={name!r}: not a device name; use cpu, cuda or cuda:<index>") from None
+    try:
+        torch.empty(0, device=dev)
+    except (RuntimeError, AssertionError) as e:  # no driver, no GPU, a CPU-only build, a bad index
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"{source}={name}: not usable on this machine ({reason}); "
+                          f"set {source}=cpu, or unset it (CUDA is then used only when present)") from None
+    return dev
 
 
 def device_facts(rt: Runtime) -> dict[str, str]:

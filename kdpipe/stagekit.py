@@ -56,11 +56,23 @@ class StageContext:
                 **{k: str(v) for k, v in extra.items()}}
 
 
-def start(cfg: Config) -> StageContext:
-    """Seed, device and threads set once (runtime.setup), then the prepared data loaded and checked."""
+def preflight(cfg: Config, outputs: tuple[str, ...] = ()) -> None:
+    """What a stage's environment can get wrong, checked before any work: the MLflow server answers, and the
+    output folders (`outputs`: keys of params' paths section) can be written."""
+    from kdpipe import tracking
+    from kdpipe.artifacts import require_writable
+
+    tracking.check_reachable(cfg.tracking)
+    require_writable({f"paths.{key}": getattr(cfg.paths, key) for key in outputs})
+
+
+def start(cfg: Config, outputs: tuple[str, ...] = ()) -> StageContext:
+    """The environment checked (preflight), seed, device and threads set once (runtime.setup), then the prepared
+    data loaded and checked."""
     from kdpipe import runtime
     from kdpipe.artifacts import load_prepared
 
+    preflight(cfg, outputs)
     paths = Paths(cfg.paths)
     rt = runtime.setup(cfg.seed)
     return StageContext(cfg, rt, paths, load_prepared(paths.dataset))

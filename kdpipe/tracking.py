@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from kdpipe.config import Config, TrackingConfig
+from kdpipe.errors import UserError
 
 PARENT_RUN_ENV = "KDPIPE_PARENT_RUN_ID"
 DB_FILE = "mlflow.db"
@@ -34,6 +35,35 @@ def tracking_uri(cfg: TrackingConfig, root: Path | None = None) -> str:
     return _user_uri() or cfg.uri or f"sqlite:///{root / DB_FILE}"
 
 
+class TrackingError(UserError):
+    """The MLflow store cannot be used: the message names the URI and the setting it came from."""
+
+
+def check_reachable(cfg: TrackingConfig, root: Path | None = None, timeout: float = 5.0) -> None:
+    """Fail in seconds, before any work, when a tracking server (http/https) does not answer: MLflow itself
+    would retry for minutes, mid-stage. Any HTTP answer counts; local stores (sqlite, files) are not probed."""
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    uri = tracking_uri(cfg, root)
+    if not uri.startswith(("http://", "https://")):
+        return
+    env = bool(_user_uri())
+    source = "MLFLOW_TRACKING_URI" if env else "tracking.uri"
+    fix = "unset MLFLOW_TRACKING_URI" if env else "set tracking.uri: null to log to the local sqlite store"
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return  # it answered (auth, proxy or no /health route): the server is there
+    except (OSError, ValueError) as e:
+        reason = getattr(e, "reason", e)
+        if isinstance(reason, ssl.SSLError):
+            return  # it answered TLS: certificates are MLflow's business (MLFLOW_TRACKING_INSECURE_TLS)
+        raise TrackingError(f"{source}={uri}: cannot reach the MLflow server ({reason}); "
+                            f"start it, or {fix}") from None
+
+
 def _user_uri() -> str | None:
     """MLFLOW_TRACKING_URI as the user set it, unless mlflow itself put it there during this process."""
     current = os.environ.get("MLFLOW_TRACKING_URI")
@@ -44,8 +74,68 @@ _MLFLOW_SET: dict[str, str] = {}
 
 
 def _set_uri(mlflow, uri: str) -> None:
+    """Point mlflow at the store `uri`, made ready first (prepare_store)."""
+    prepare_store(uri)
     mlflow.set_tracking_uri(uri)
     _MLFLOW_SET["uri"] = uri
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Two pipelines, one store. A sqlite store is one file that processes of several checkouts may share. SQLite
+# serialises their writes itself (MLflow sets a 20 s busy timeout on every session), but two processes that
+# create one new store at once corrupt it, so creation happens once, under a file lock beside the database.
+# A server (http://...) serialises writes for its clients; nothing to lock here.
+
+LOCK_SUFFIX = ".lock"  # mlflow.db -> mlflow.db.lock
+_READY: set[str] = set()  # stores this process has already prepared
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a `sqlite:///` URI (relative to the cwd unless absolute); None for other stores."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri.removeprefix("sqlite:///").split("?")[0]
+    return Path(path) if path and path != ":memory:" else None
+
+
+@contextmanager
+def store_lock(uri: str) -> Iterator[None]:
+    """Hold an exclusive lock on `<database>.lock` beside a sqlite store, across processes (fcntl.flock: let go
+    when the holder exits, even by a crash). A no-op for other stores."""
+    path = sqlite_path(uri)
+    if path is None:
+        yield
+        return
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{path}{LOCK_SUFFIX}", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield  # closing the file releases the lock
+
+
+def prepare_store(uri: str) -> None:
+    """Create a sqlite store with MLflow's tables, once, under store_lock, before anything else opens it. An
+    existing store is only checked (MLflow refuses one with an older schema: `mlflow db upgrade <uri>` after
+    a backup); other stores are left to their server."""
+    if uri in _READY or sqlite_path(uri) is None:
+        return
+    mlflow = import_mlflow()
+    with store_lock(uri):
+        retry_locked(lambda: mlflow.MlflowClient(uri).search_experiments(max_results=1))
+    _READY.add(uri)
+
+
+def retry_locked(call, attempts: int = 5):
+    """call(), again after a growing pause when sqlite still answers "database is locked" once its busy timeout
+    ran out (a burst of writers from other processes); the failed transaction was rolled back, so it is safe."""
+    for attempt in range(attempts):
+        try:
+            return call()
+        except Exception as e:
+            if "database is locked" not in str(e) or attempt == attempts - 1:
+                raise
+            time.sleep(0.5 * 2**attempt)
 
 
 def import_mlflow():
@@ -83,7 +173,10 @@ def resource_usage(t0: float) -> dict[str, float]:
 def git_facts(root: Path | None = None) -> dict[str, str]:
     """Commit and dirty flag of the code that ran ("unknown" outside a git checkout)."""
     def git(*args: str) -> str:
-        out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
+        try:
+            out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):  # no git on PATH, or a hung one: the facts are unknown
+            return ""
         return out.stdout.strip() if out.returncode == 0 else ""
 
     commit = git("rev-parse", "HEAD") or "unknown"
@@ -99,7 +192,12 @@ def _experiment_id(mlflow, name: str, root: Path) -> str:
     location = None
     if mlflow.get_tracking_uri().startswith("sqlite:"):
         location = (root / ARTIFACT_DIR).resolve().as_uri()
-    return mlflow.create_experiment(name, artifact_location=location)
+    try:
+        return mlflow.create_experiment(name, artifact_location=location)
+    except mlflow.exceptions.MlflowException as e:  # another process created it since we looked
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return mlflow.get_experiment_by_name(name).experiment_id
 
 
 class StageRun:
@@ -124,6 +222,23 @@ class StageRun:
         self._mlflow.log_artifact(str(path), artifact_path=artifact_path)
 
 
+def redacted_params(params: dict) -> dict[str, str]:
+    """Params as MLflow logs them (str values) for anyone who can read the store: credentials in URIs masked
+    (scheme://user:token@host → scheme://***@host; ?token=, ?…Signature=, ?…Key= values → ***) and the user's
+    home directory written as ~ (/home/me/data → ~/data)."""
+    import re
+
+    home = str(Path.home())
+
+    def clean(value) -> str:
+        text = re.sub(r"\b([a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s?#]+@", r"\1***@", str(value))
+        text = re.sub(r"([?&][^=&\s]*(?:token|secret|password|signature|credential|key)[^=&\s]*=)[^&\s'\"]+",
+                      r"\1***", text, flags=re.IGNORECASE)
+        return re.sub(re.escape(home) + r"(?![\w.-])", "~", text) if len(Path(home).parts) > 1 else text
+
+    return {key: clean(value) for key, value in params.items()}
+
+
 @contextmanager
 def stage_run(
     stage: str, cfg: Config, *, tags: dict[str, str] | None = None, root: Path | None = None
@@ -146,7 +261,7 @@ def stage_run(
         log_system_metrics=cfg.tracking.system_metrics,
     ) as run:
         t0 = time.perf_counter()
-        mlflow.log_params(cfg.flat())
+        mlflow.log_params(redacted_params(cfg.flat()))
         yield StageRun(mlflow, run)
         mlflow.log_metrics(resource_usage(t0))
 
@@ -162,8 +277,8 @@ def start_parent_run(name: str, cfg: Config, *, tags: dict[str, str] | None = No
     mlflow = import_mlflow()
 
     root = (root or Path.cwd()).resolve()
+    _set_uri(mlflow, tracking_uri(cfg.tracking, root))  # first: it prepares the store the client opens
     client = mlflow.MlflowClient(tracking_uri(cfg.tracking, root))
-    _set_uri(mlflow, tracking_uri(cfg.tracking, root))
     experiment_id = _experiment_id(mlflow, cfg.tracking.experiment, root)
     nested = {}
     if parent_run_id:  # a sweep point under its sweep: MLflow's own nesting tag, as start_run(nested=True) sets

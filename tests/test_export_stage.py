@@ -19,7 +19,7 @@ import torch
 from conftest import SEEDS, subprocess_env, tiny_params, tiny_pipeline_params, write_params
 from PIL import Image
 
-from kdpipe import config, registry
+from kdpipe import config, gate, registry
 from kdpipe.artifacts import build_from_checkpoint
 from kdpipe.stages import evaluate, export, teacher
 
@@ -196,7 +196,7 @@ def test_champion_resolves_and_predicts_like_pytorch(done):
 
 
 def test_gate_rule():
-    decide = registry.champion_decision
+    decide = gate.champion_decision
     champion = {"test_accuracy": "0.9", "dataset_digest": "d1"}
     assert decide(0.8, "d1", None) == (True, "no champion yet")
     assert not decide(0.8, "d1", champion)[0]
@@ -213,7 +213,7 @@ def test_gate_moves_aliases_in_a_registry(tmp_path):
 
     def new(acc: float, digest: str = "d1") -> dict:
         v = c.create_model_version("m", source=str(tmp_path), tags={"test_accuracy": str(acc), "dataset_digest": digest})
-        return registry.apply_gate(c, "m", v.version)
+        return gate.apply_gate(c, "m", v.version)
 
     assert new(0.90) == {"version": "1", "aliases": ["candidate", "champion"], "champion": True,
                          "previous_champion": None, "reason": "no champion yet"}

@@ -15,13 +15,14 @@ import sys
 from kdpipe.config import Config
 
 STAGE = "distill"
+OUTPUTS = ("models", "metrics", "plots")  # the paths.* folders it writes, checked before any work
 
 
 def run(cfg: Config) -> dict:
     from kdpipe import seeds, stagekit
     from kdpipe.distillation import Distiller
 
-    ctx = stagekit.start(cfg)
+    ctx = stagekit.start(cfg, OUTPUTS)
     distiller = Distiller.load(cfg, ctx.paths, ctx.prepared, ctx.rt)  # before any run opens or file is written
     params = {"seed": cfg.seed, "data": cfg.data.model_dump(mode="json"),
               "student": cfg.student.model_dump(mode="json"), "distill": cfg.distill.model_dump(mode="json"),

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from kdpipe.stagekit import StageContext
 
 STAGE = "evaluate"
+OUTPUTS = ("metrics", "reports")  # the paths.* folders it writes, checked before any work
 REPORT = "evaluate.md"  # inside reports/evaluate/
 STUDENT_STAGES = {"scratch": "scratch", "distilled": "distill"}  # report label → stage that trained it
 
@@ -151,7 +152,7 @@ def run(cfg: Config) -> dict:
     from kdpipe.artifacts import write_json
     from kdpipe.stagekit import start
 
-    ctx = start(cfg)
+    ctx = start(cfg, OUTPUTS)
     models = load_models(ctx)
     results, scored = evaluate(ctx, models)
     with tracking.stage_run(STAGE, cfg, tags=ctx.tags()) as run:

@@ -6,7 +6,7 @@ float32 [0, 1] NCHW input, provenance in the metadata) into a staging folder and
 whole test split; if either fails parity the stage fails (exit 1, one line) with nothing moved into place and
 nothing registered, and its MLflow run is marked FAILED. Then: onnxruntime CPU latency at batch 1 and 64, the
 scratch student's latency (for the trade-off plot), static int8, and, with export.registry, a registry version
-of each model under the candidate/champion rule of kdpipe/registry.py.
+of each model under the candidate/champion rule of kdpipe/gate.py.
 
 Outputs: models/student.onnx, models/teacher.onnx, models/int8/student.int8.onnx (with export.int8),
 metrics/export.json, reports/export/ (report.md, tradeoff.png). Registry versions are a side effect DVC cannot see.
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from kdpipe.stagekit import StageContext
 
 STAGE = "export"
+OUTPUTS = ("models", "metrics", "reports")  # the paths.* folders it writes, checked before any work
 REPORT, TRADEOFF = "report.md", "tradeoff.png"  # inside reports/export/
 
 
@@ -35,7 +36,7 @@ def run(cfg: Config) -> dict:
     from kdpipe.artifacts import write_json
     from kdpipe.stagekit import start
 
-    ctx = start(cfg)
+    ctx = start(cfg, OUTPUTS)
     models, evaluated = load_inputs(ctx)
     git = tracking.git_facts()
     with tracking.stage_run(STAGE, cfg, tags=ctx.tags(student_seed=models.seed, method=cfg.distill.method)) as run:

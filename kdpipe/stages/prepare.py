@@ -13,6 +13,7 @@ from pathlib import Path
 from kdpipe.config import Config
 
 STAGE = "prepare"
+OUTPUTS = ("prepared",)  # the paths.* folder it writes, checked before any work
 
 
 def dataset_root(cfg: Config) -> Path:
@@ -50,10 +51,11 @@ def summary(prepared: dict, cfg: Config) -> dict:
 
 
 def run(cfg: Config) -> dict:
-    from kdpipe import tracking
+    from kdpipe import stagekit, tracking
     from kdpipe.artifacts import save_torch, write_json
     from kdpipe.paths import Paths
 
+    stagekit.preflight(cfg, OUTPUTS)
     t0 = time.perf_counter()
     prepared = prepare(cfg)
     meta = summary(prepared, cfg)

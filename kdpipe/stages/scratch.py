@@ -11,6 +11,7 @@ import sys
 from kdpipe.config import Config
 
 STAGE = "scratch"
+OUTPUTS = ("models", "metrics", "plots")  # the paths.* folders it writes, checked before any work
 
 
 def run(cfg: Config) -> dict:
@@ -18,7 +19,7 @@ def run(cfg: Config) -> dict:
 
     params = {"seed": cfg.seed, "data": cfg.data.model_dump(mode="json"),
               "student": cfg.student.model_dump(mode="json")}
-    return seeds.student_stage(STAGE, stagekit.start(cfg), params=params, tags={"method": "ce"})
+    return seeds.student_stage(STAGE, stagekit.start(cfg, OUTPUTS), params=params, tags={"method": "ce"})
 
 
 def main(argv: list[str] | None = None) -> int:

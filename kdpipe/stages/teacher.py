@@ -16,6 +16,7 @@ from pathlib import Path
 from kdpipe.config import Config
 
 STAGE = "teacher"
+OUTPUTS = ("models", "metrics", "plots")  # the paths.* folders it writes, checked before any work
 
 
 def train_teacher(cfg: Config, prepared: dict, rt, splits, on_epoch=None):
@@ -36,21 +37,24 @@ def bring_teacher(cfg: Config, prepared: dict, path: str | Path | None = None, w
     channels) before any work. `where` names it in errors (default "teacher.checkpoint: <path>")."""
     from kdpipe.artifacts import CheckpointError, build_from_checkpoint
 
-    c = prepared["image_shape"][0]
+    c, n = prepared["image_shape"][0], len(prepared["classes"])
     path = path or cfg.teacher.checkpoint
+    prefix = where or "teacher.checkpoint"  # the loader's own errors name the file already
     where = where or f"teacher.checkpoint: {path}"
-    model, ckpt = build_from_checkpoint(
-        path, fallback_model=cfg.teacher.model, in_channels=c, num_classes=len(prepared["classes"]),
-        mean=prepared["mean"], std=prepared["std"],
-    )
-    if model.num_classes != len(prepared["classes"]):
-        raise CheckpointError(f"{where} has {model.num_classes} classes, "
-                              f"the dataset has {len(prepared['classes'])}")
+    fix = (f"bring a teacher made for this dataset ({n} classes, {c} channel(s)), as a kdpipe checkpoint or a "
+           f"state dict of teacher.model ({cfg.teacher.model}), or set teacher.source: train")
+    try:
+        model, ckpt = build_from_checkpoint(path, fallback_model=cfg.teacher.model, in_channels=c, num_classes=n,
+                                            mean=prepared["mean"], std=prepared["std"])
+    except CheckpointError as e:
+        raise CheckpointError(f"{prefix}: {e}; {fix}") from None
+    if model.num_classes != n:
+        raise CheckpointError(f"{where} has {model.num_classes} classes, the dataset has {n}; {fix}")
     if model.in_channels != c:
-        raise CheckpointError(f"{where} takes {model.in_channels} channels, the dataset has {c}")
+        raise CheckpointError(f"{where} takes {model.in_channels} channels, the dataset has {c}; {fix}")
     if "classes" in ckpt and list(ckpt["classes"]) != list(prepared["classes"]):
         raise CheckpointError(f"{where} was trained on classes {ckpt['classes'][:3]}..., "
-                              f"not this dataset's {prepared['classes'][:3]}...")
+                              f"not this dataset's {prepared['classes'][:3]}...; {fix}")
     return model
 
 
@@ -117,7 +121,7 @@ def run(cfg: Config) -> dict:
     from kdpipe import stagekit, tracking
     from kdpipe.engine import FitResult
 
-    ctx = stagekit.start(cfg)
+    ctx = stagekit.start(cfg, OUTPUTS)
     bring = {"checkpoint": bring_teacher, "registry": registry_teacher}.get(cfg.teacher.source)
     brought = bring(cfg, ctx.prepared).to(ctx.rt.device) if bring else None
     params = {"seed": cfg.seed, "data": cfg.data.model_dump(mode="json"), "teacher": cfg.teacher.model_dump(mode="json")}
