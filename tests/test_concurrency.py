@@ -47,31 +47,38 @@ def race(scripts: list[tuple[str, list[str], Path, dict]], folder: Path) -> list
 
 # --------------------------------------------------------------------------------- two pipelines, one store
 
-STAGES = BARRIER + """
-import subprocess, sys
-for stage in ("prepare", "teacher"):
-    subprocess.run([sys.executable, "-m", f"kdpipe.stages.{stage}"], check=True)
+PIPELINE = BARRIER + """
+import importlib, sys
+for stage in ("prepare", "teacher", "scratch", "distill", "evaluate", "export"):  # dvc.yaml's order
+    if importlib.import_module(f"kdpipe.stages.{stage}").main([]) != 0:
+        sys.exit(f"{stage} failed")
 """
 
 
 @pytest.mark.slow
 def test_two_pipelines_create_and_share_one_new_store(tmp_path):
-    """Two workspaces run prepare then teacher at the same moment against one sqlite store that does not
-    exist yet (two processes creating one store at once corrupted it): both exit 0, all four runs FINISHED."""
+    """Two workspaces run the whole pipeline (all six stages, each stage's main() as DVC would call it, in one
+    process to spare five interpreter start-ups) at the same moment against one sqlite store that does not
+    exist yet (two processes creating one store at once corrupted it): both exit 0, all twelve runs FINISHED,
+    and both exports' registry versions are there."""
     store = tmp_path / "shared" / "mlflow.db"
     racers = []
     for name in ("a", "b"):
         work = tmp_path / name
         work.mkdir()
-        params = write_params(work / "params.yaml", tiny_params(work, tracking__uri=f"sqlite:///{store}",
-                                                                tracking__system_metrics=False))
-        racers.append((STAGES, [], work, subprocess_env(KDPIPE_PARAMS=str(params))))
+        params = tiny_params(work, tracking__uri=f"sqlite:///{store}", tracking__system_metrics=False)
+        params["student"].update(seeds=[0], model="tiny_cnn")
+        params["export"].update(latency_repeats=3, calibration_images=16)
+        path = write_params(work / "params.yaml", params)
+        racers.append((PIPELINE, [], work, subprocess_env(KDPIPE_PARAMS=str(path))))
     for code, out, err in race(racers, tmp_path):
         assert code == 0, f"{out[-2000:]}\n{err[-3000:]}"
     client = mlflow.MlflowClient(f"sqlite:///{store}")
     runs = client.search_runs([client.get_experiment_by_name("kdpipe").experiment_id])
-    assert sorted((r.info.run_name, r.info.status) for r in runs) == [
-        ("prepare", "FINISHED"), ("prepare", "FINISHED"), ("teacher", "FINISHED"), ("teacher", "FINISHED")]
+    stages = ["prepare", "teacher", "scratch", "distill", "evaluate", "export"]
+    assert sorted((r.info.run_name, r.info.status) for r in runs) == sorted((s, "FINISHED") for s in stages * 2)
+    versions = client.search_model_versions("name = 'kdpipe-student'")
+    assert sorted(int(v.version) for v in versions) == [1, 2]
     assert Path(f"{store}{tracking.LOCK_SUFFIX}").is_file()  # created under the lock beside it
 
 
