@@ -276,15 +276,16 @@ def _image_mode(path: Path) -> str:
 
 
 def _read_image(path: Path, mode: str, size: int) -> np.ndarray:
-    """Decode, convert to mode and resize one image; uint8 (size, size) or (size, size, 3)."""
+    """Decode, convert to mode and resize one image (kdpipe.images, as predict reads it); uint8 (size, size) or
+    (size, size, 3)."""
     from PIL import Image
 
+    from kdpipe.images import load_image
+
     try:
-        with Image.open(path) as img:
-            img = img.convert(mode).resize((size, size), Image.Resampling.BILINEAR)
+        return load_image(path, mode, (size, size))
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise DataError(f"imagefolder: cannot read image {path}: {exc}") from exc
-    return np.asarray(img, dtype=np.uint8)
 
 
 # Dataset name (params' data.dataset) → loader(root, image_size=, download=): the one list of datasets.

@@ -141,13 +141,13 @@ def read_image(path: str | Path, shape: tuple[int, int, int]) -> np.ndarray:
     the prepare stage does), 16-bit grey scaled to 8 bits, resized to H×W."""
     from PIL import Image, UnidentifiedImageError
 
+    from kdpipe.images import load_image
+
     c, h, w = shape
     if c not in (1, 3):
         raise PredictError(f"the model takes {c} channels; only 1 (grey) and 3 (RGB) images are supported")
     try:
-        with Image.open(path) as image:
-            image = to_8bit(image).convert("L" if c == 1 else "RGB").resize((w, h), Image.Resampling.BILINEAR)
-            pixels = np.asarray(image, dtype=np.float32) / 255.0  # (H, W) or (H, W, 3)
+        pixels = load_image(path, "L" if c == 1 else "RGB", (w, h)).astype(np.float32) / 255.0  # (H, W[, 3])
     except FileNotFoundError:
         raise PredictError(f"{path}: image not found") from None
     except UnidentifiedImageError:
@@ -156,17 +156,6 @@ def read_image(path: str | Path, shape: tuple[int, int, int]) -> np.ndarray:
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise PredictError(f"{path}: unreadable image ({reason(e)}); re-save or replace the file") from None
     return pixels[None] if c == 1 else pixels.transpose(2, 0, 1)  # (1, H, W), or (H, W, 3) -> (3, H, W)
-
-
-def to_8bit(image):
-    """16-bit grey (Pillow modes I;16* and I) as 8-bit L, v / 257 rounded (65535 -> 255): Pillow's own
-    convert("L") clips every value above 255 to white. Any other image is returned as it is."""
-    from PIL import Image
-
-    if image.mode != "I" and not image.mode.startswith("I;16"):
-        return image
-    pixels = np.asarray(image, dtype=np.float64)  # (H, W), 0..65535
-    return Image.fromarray(np.clip(np.rint(pixels / 257.0), 0, 255).astype(np.uint8))
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

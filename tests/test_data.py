@@ -218,6 +218,21 @@ def test_imagefolder_pixels_survive_same_size(tmp_path):
     assert torch.equal(raw.train_x[1].permute(1, 2, 0), expected)
 
 
+def test_imagefolder_16_bit_grey_is_scaled_like_predict_reads_it(tmp_path):
+    """A 16-bit copy (v·257) of an 8-bit grey image prepares to the 8-bit pixels (Pillow's own convert would
+    clip every value above 255 to white), as `kdpipe predict` reads it (both use kdpipe.images)."""
+    import numpy as np
+    from PIL import Image
+
+    grey = np.random.default_rng(0).integers(0, 256, size=(6, 6), dtype=np.uint8)
+    for cls in ("a", "b"):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "imgs" / cls / "0.png")
+    assert Image.open(tmp_path / "imgs" / "a" / "0.png").mode.startswith("I")
+    raw = datasets.load_raw("imagefolder", tmp_path / "imgs", image_size=6)
+    assert raw.train_x.shape == (2, 1, 6, 6) and torch.equal(raw.train_x[0, 0], torch.from_numpy(grey))
+
+
 def test_imagefolder_errors(tmp_path):
     with pytest.raises(DataError, match="image_size is required"):
         datasets.load_raw("imagefolder", tmp_path)
