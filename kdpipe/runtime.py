@@ -52,8 +52,10 @@ def setup(seed: int, device: str | None = None) -> Runtime:
         torch.set_num_threads(int(threads))
     seed_everything(seed)
     if dev.type == "cpu":
-        # Deterministic kernels cost little on CPU and make a rerun give the same numbers.
-        torch.use_deterministic_algorithms(True, warn_only=True)
+        # Deterministic kernels cost little on CPU and make a rerun give the same numbers. The kernel switch
+        # alone: torch.use_deterministic_algorithms also imports torch._inductor (1.4 s a stage process,
+        # measured) to set a flag only torch.compile reads, and kdpipe trains eagerly.
+        torch._C._set_deterministic_algorithms(True, warn_only=True)
         return Runtime(dev, None)
     torch.backends.cudnn.benchmark = True
     bf16 = dev.type == "cuda" and torch.cuda.is_bf16_supported()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -112,3 +114,13 @@ def test_epoch_pool_limits_samples_and_trains_extra_modules(rt):
     result = fit(model, train, val, _cfg(epochs=2), rt, seed=0, objective=objective)
     assert [r["train_samples"] for r in result.history] == [40, 40]
     assert not torch.equal(before, extra.weight)
+
+
+def test_cpu_runtime_is_deterministic_without_importing_inductor():
+    """setup() turns on deterministic kernels (warn-only) without torch.use_deterministic_algorithms' import of
+    torch._inductor, which costs every stage process ~1.4 s and only matters to torch.compile."""
+    code = ("import sys, torch; from kdpipe import runtime; runtime.setup(0, 'cpu'); "
+            "print(torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(), "
+            "'torch._inductor' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["True", "True", "False"]
