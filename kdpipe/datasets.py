@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from kdpipe.data import DataError, RawDataset
+from kdpipe.images import IMAGE_EXTENSIONS
 
 # Where the Debian package `dataset-fashion-mnist` installs the four original gzipped IDX files.
 # A module constant so tests (and unusual machines) can point elsewhere.
@@ -35,7 +36,6 @@ FASHION_MNIST_FILES = {
 IDX_IMAGES_MAGIC = 0x00000803  # unsigned bytes, 3 dimensions (N, H, W)
 IDX_LABELS_MAGIC = 0x00000801  # unsigned bytes, 1 dimension (N,)
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 # PIL modes that carry a single channel; a folder made only of these loads as C=1.
 GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
 

@@ -9,6 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
+# The files an image folder contributes, for prepare (imagefolder datasets) and predict (folders) alike.
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+
 
 def load_image(path: str | Path, mode: str, size: tuple[int, int]) -> np.ndarray:
     """uint8 (H, W) for mode "L" or (H, W, 3) for "RGB", resized (bilinear) to size = (W, H).

@@ -5,9 +5,9 @@ environment. A registry URI (models:/name@alias, models:/name/3) is downloaded w
 kdpipe.registry. Everything the model needs is in the ONNX file's metadata: class names, the input size
 C×H×W, and the contract float32 (N, C, H, W) in [0, 1] with normalisation inside the graph.
 
-Images are read as the prepare stage reads an image folder (grey or RGB by the model's channels, an alpha
-channel dropped), except that 16-bit grey images are scaled to 8 bits instead of clipped. A folder stands for
-the image files directly inside it.
+Images are read as the prepare stage reads an image folder (kdpipe.images: grey or RGB by the model's
+channels, an alpha channel dropped, 16-bit grey scaled to 8 bits). A folder stands for the image files
+directly inside it.
 """
 
 from __future__ import annotations
@@ -19,9 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from kdpipe.errors import EXIT_USER_ERROR, UserError
-
-# The image files a folder contributes; the same list as kdpipe.datasets (which imports torch).
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+from kdpipe.images import IMAGE_EXTENSIONS
 
 
 class PredictError(UserError):

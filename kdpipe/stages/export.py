@@ -72,15 +72,13 @@ def load_inputs(ctx: StageContext) -> tuple[Models, dict]:
 
 def read_evaluated(ctx: StageContext) -> dict:
     """metrics/evaluate.json, made on this dataset for these seeds; CheckpointError (a user error) otherwise."""
-    from kdpipe.artifacts import CheckpointError
+    from kdpipe.artifacts import CheckpointError, require_same_data
 
     path, rerun = ctx.paths.metrics("evaluate"), "rerun the evaluate stage (dvc repro evaluate)"
     if not path.is_file():
         raise CheckpointError(f"{path}: not found; run the evaluate stage first (dvc repro evaluate)")
     evaluated = json.loads(path.read_text())
-    if evaluated.get("dataset_digest") not in (None, ctx.digest):
-        raise CheckpointError(f"{path}: made on another dataset (digest {evaluated['dataset_digest'][:12]}, "
-                              f"prepared data is {ctx.digest[:12]}); {rerun}")
+    require_same_data(path, evaluated.get("dataset_digest"), ctx.digest, stage="evaluate")
     if evaluated.get("seeds") != list(ctx.cfg.student.seeds) or "shipped" not in evaluated:
         raise CheckpointError(f"{path}: has seeds {evaluated.get('seeds')} and shipped seed "
                               f"{evaluated.get('shipped', {}).get('seed')}, params say seeds "
