@@ -135,6 +135,9 @@ class DistillConfig(_Section):
     dkd_beta: float = Field(default=8.0, ge=0)
     hint_layer: int = -1  # FitNets: which feature stage (same index for student and teacher); -1 = deepest
     hint_epochs: int = Field(default=0, ge=0)  # FitNets stage 1: epochs of hint-only training first
+    # FKD (Shen & Xing 2022): the teacher labels this many augmented views of each training image once, and
+    # the student replays them (no teacher forward per step); 0 = a live teacher on every batch
+    teacher_views: int = Field(default=0, ge=0, le=64)
 
     def resolved_weights(self) -> dict[str, float]:
         from kdpipe.losses import PRESETS
@@ -200,6 +203,15 @@ class TrackingConfig(_Section):
     system_metrics: bool = True
 
 
+class RuntimeConfig(_Section):
+    """How the training stages compute: the numbers they give depend on it, so it is a params section."""
+
+    # auto: bf16 autocast on GPUs and CPUs with native bf16, fp16 + loss scaling on older GPUs, else fp32
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    channels_last: bool = True  # NHWC memory layout for convolutional models and their inputs
+    compile: bool = False  # torch.compile the models (pays only on long runs: compile time is minutes)
+
+
 class PathsConfig(_Section):
     raw: str = "data/raw"
     downloads: str = "data/downloads"
@@ -220,8 +232,22 @@ class Config(_Section):
     distill: DistillConfig = Field(default_factory=DistillConfig)
     curriculum: CurriculumConfig = Field(default_factory=CurriculumConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     paths: PathsConfig = Field(default_factory=PathsConfig)
+
+    @model_validator(mode="after")
+    def _views_need_augmentation(self) -> Config:
+        if self.distill.teacher_views:
+            from kdpipe.losses import needs_features
+
+            if self.student.crop_padding == 0 and not self.student.flip:
+                raise ValueError("distill.teacher_views: the student sees un-augmented images (student.crop_padding "
+                                 "0, flip false), which the teacher's cached logits already cover; set it to 0")
+            if needs_features(self.distill.resolved_weights()):
+                raise ValueError("distill.teacher_views: the method needs teacher features (hint/at), which cached "
+                                 "views do not hold; set it to 0")
+        return self
 
     def flat(self) -> dict[str, Any]:
         """Params flattened to dotted keys (``teacher.lr``), as MLflow logs them."""

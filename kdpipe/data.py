@@ -235,32 +235,55 @@ def to_float(x_uint8: torch.Tensor) -> torch.Tensor:
     return x_uint8.to(torch.float32).div_(255.0)
 
 
-def augment_batch(
-    x: torch.Tensor, crop_padding: int, flip: bool, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """Random crop with zero padding and random horizontal flip (p=0.5), per image, without a Python loop.
+@dataclass(frozen=True)
+class Views:
+    """Where each image of a batch is cropped and whether it is flipped: dy, dx (N,) row and column offsets into
+    the zero-padded image (None without cropping), flipped (N,) bool (None without flips)."""
 
-    Each image is padded by crop_padding on every side and an H x W window is taken at a random offset;
-    a flipped image reads its window's columns in reverse. Random draws, in this order, on the
-    generator's device (x's device without one): flips as `torch.rand(N) < 0.5` (if flip), then row and
-    column offsets as `torch.randint(0, 2 * crop_padding + 1, (2, N))` (if crop_padding > 0).
-    crop_padding 0 and flip False return x itself.
-    """
-    if crop_padding == 0 and not flip:
+    dy: torch.Tensor | None
+    dx: torch.Tensor | None
+    flipped: torch.Tensor | None
+
+
+def draw_views(n: int, crop_padding: int, flip: bool, generator: torch.Generator | None = None,
+               device: torch.device | str = "cpu") -> Views:
+    """Random crop offsets and flips for n images, drawn on the generator's device (`device` without one), in
+    this order: flips as `torch.rand(n) < 0.5` (if flip), then offsets as `torch.randint(0, 2p + 1, (2, n))`
+    (if crop_padding p > 0)."""
+    draw_device = generator.device if generator is not None else device
+    flipped = (torch.rand(n, generator=generator, device=draw_device) < 0.5) if flip else None
+    dy = dx = None
+    if crop_padding > 0:
+        dy, dx = torch.randint(0, 2 * crop_padding + 1, (2, n), generator=generator, device=draw_device)
+    return Views(dy, dx, flipped)
+
+
+def apply_views(x: torch.Tensor, crop_padding: int, views: Views) -> torch.Tensor:
+    """Crop and flip each image as `views` says, without a Python loop: image i is padded by crop_padding on
+    every side and its H x W window at (dy[i], dx[i]) is taken; a flipped image reads its window's columns in
+    reverse."""
+    if views.dy is None and views.flipped is None:
         return x
     n, _, h, w = x.shape
-    draw_device = generator.device if generator is not None else x.device
     rows = torch.arange(h, device=x.device).expand(n, h)  # (N, H)
     cols = torch.arange(w, device=x.device).expand(n, w)  # (N, W)
-    if flip:
-        flipped = (torch.rand(n, generator=generator, device=draw_device) < 0.5).to(x.device)
-        cols = torch.where(flipped[:, None], cols.flip(1), cols)
-    if crop_padding > 0:
-        offsets = torch.randint(0, 2 * crop_padding + 1, (2, n), generator=generator, device=draw_device)
-        dy, dx = offsets.to(x.device)  # (N,) row and column offsets into the padded image
+    if views.flipped is not None:
+        cols = torch.where(views.flipped.to(x.device)[:, None], cols.flip(1), cols)
+    if views.dy is not None:
+        dy, dx = views.dy.to(x.device).long(), views.dx.to(x.device).long()
         x = F.pad(x, (crop_padding,) * 4)  # (N, C, H + 2p, W + 2p), zeros outside the image
         rows, cols = rows + dy[:, None], cols + dx[:, None]
     batch = torch.arange(n, device=x.device)[:, None, None]
     # Advanced indices on dims 0, 2, 3 broadcast to (N, H, W) and go first: the result is (N, H, W, C).
     out = x.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]
     return out.permute(0, 3, 1, 2).contiguous()  # (N, H, W, C) -> (N, C, H, W)
+
+
+def augment_batch(
+    x: torch.Tensor, crop_padding: int, flip: bool, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Random crop with zero padding and random horizontal flip (p=0.5), per image: draw_views, then
+    apply_views. crop_padding 0 and flip False return x itself."""
+    if crop_padding == 0 and not flip:
+        return x
+    return apply_views(x, crop_padding, draw_views(len(x), crop_padding, flip, generator, x.device))

@@ -16,9 +16,9 @@ from torch import nn
 from kdpipe import curriculum, losses
 from kdpipe.config import Config, DistillConfig, StudentConfig
 from kdpipe.engine import LossFn, Objective, fit
+from kdpipe.losses import needs_features
 from kdpipe.paths import Paths
-
-FEATURE_TERMS = ("hint", "at")  # loss terms that need intermediate features, which no cache holds
+from kdpipe.views import TeacherViews
 
 
 def freeze(teacher: nn.Module) -> nn.Module:
@@ -27,10 +27,6 @@ def freeze(teacher: nn.Module) -> nn.Module:
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher
-
-
-def needs_features(weights: dict[str, float]) -> bool:
-    return any(weights.get(term, 0) > 0 for term in FEATURE_TERMS)
 
 
 def can_use_cached_logits(student: StudentConfig, weights: dict[str, float]) -> bool:
@@ -75,7 +71,8 @@ def distill_loss(
     hint_adapter: nn.Module | None = None,
     label_smoothing: float = 0.0,
 ) -> LossFn:
-    """The engine's loss for a distilled student; `cached_logits` (N_train, K) replaces the teacher forward."""
+    """The engine's loss for a distilled student; `cached_logits` (rows, K) replaces the teacher forward: row r
+    labels the image the engine passes with r (a train position, or a cached view's row)."""
     weights = weights or cfg.resolved_weights()
     with_feats = needs_features(weights)
 
@@ -87,7 +84,7 @@ def distill_loss(
         teacher_feats = None
         with torch.no_grad():  # not inference_mode: its tensors may not enter an autograd graph
             if cached_logits is not None:
-                teacher_logits = cached_logits[idx.to(cached_logits.device)].to(x.device)
+                teacher_logits = cached_logits[idx.to(cached_logits.device)].to(x.device, torch.float32)
             elif with_feats:
                 teacher_logits, teacher_feats = teacher.forward_features(x)
             else:
@@ -113,6 +110,7 @@ class Distiller:
     weights: dict[str, float]
     cached_logits: torch.Tensor | None  # (N_train, K) on the device when the cache applies
     difficulty: torch.Tensor | None  # (N_train,) teacher loss per sample, with the curriculum
+    views: TeacherViews | None = None  # with distill.teacher_views: labelled once by label_views()
 
     @classmethod
     def load(cls, cfg: Config, paths: Paths, prepared: dict, rt) -> Distiller:
@@ -123,26 +121,44 @@ class Distiller:
         weights = cfg.distill.resolved_weights()
         use_cache = can_use_cached_logits(cfg.student, weights)
         outputs = load_teacher_outputs(paths, prepared) if use_cache or cfg.curriculum.enabled else None
-        return cls(cfg, rt, freeze(teacher.to(rt.device)), weights,
+        return cls(cfg, rt, freeze(rt.prepare(teacher)), weights,
                    outputs["train_logits"].to(rt.device) if use_cache else None,
                    outputs["difficulty"] if cfg.curriculum.enabled else None)
 
+    def label_views(self, train_x: torch.Tensor) -> float:
+        """With distill.teacher_views K: the teacher labels K views of each training image, once for every
+        seed (FKD). Returns the seconds it took."""
+        import time
+
+        from kdpipe.views import label_views
+
+        t0 = time.perf_counter()
+        recipe = self.cfg.student
+        views = label_views(self.teacher, train_x, self.cfg.distill.teacher_views, recipe.crop_padding, recipe.flip,
+                            self.cfg.seed, self.rt)
+        object.__setattr__(self, "views", views.to(self.rt.device))
+        return time.perf_counter() - t0
+
     @property
     def teacher_outputs(self) -> str:
+        if self.views is not None:
+            return f"views{self.views.k}"
         return "cached" if self.cached_logits is not None else "live"
 
     def objective(self, student: nn.Module, seed: int, splits) -> Objective:
         """The student's loss, its FitNets adapter (after the hint phase, when asked) and its curriculum."""
         cfg = self.cfg
         adapter = make_hint_adapter(student, self.teacher, cfg.distill)
-        extra = [adapter.to(self.rt.device)] if adapter is not None else []
+        extra = [self.rt.prepare(adapter)] if adapter is not None else []
         if cfg.distill.hint_epochs:
             self.hint_phase(student, adapter, seed, splits)
-        loss_fn = distill_loss(cfg.distill, self.teacher, weights=self.weights, cached_logits=self.cached_logits,
+        cached = self.views.flat_logits() if self.views is not None else self.cached_logits
+        loss_fn = distill_loss(cfg.distill, self.teacher, weights=self.weights, cached_logits=cached,
                                hint_adapter=adapter, label_smoothing=cfg.student.label_smoothing)
         pool = (curriculum.epoch_pools(cfg.curriculum, self.difficulty, cfg.student.epochs, seed)
                 if cfg.curriculum.enabled else None)
-        return Objective(loss_fn=loss_fn, extra_modules=extra, epoch_pool=pool)
+        return Objective(loss_fn=loss_fn, extra_modules=extra, epoch_pool=pool,
+                         augment=self.views.augment if self.views is not None else None)
 
     def hint_phase(self, student: nn.Module, adapter: nn.Module, seed: int, splits) -> None:
         """FitNets stage 1 (Romero et al. 2015): train the student up to its guided layer, with the adapter,

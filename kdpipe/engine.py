@@ -21,8 +21,11 @@ from kdpipe.config import TrainConfig
 from kdpipe.data import Split, augment_batch, to_float
 from kdpipe.runtime import Runtime
 
-# (model, float images (B, C, H, W) augmented, labels (B,), train positions (B,)) -> (logits, parts incl. "loss")
+# (model, float images (B, C, H, W) augmented, labels (B,), rows (B,)) -> (logits, parts incl. "loss"). rows are
+# the batch's train positions, or what the objective's `augment` returned instead (the rows of cached views).
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict]]
+# (float images (B, C, H, W), train positions (B,), generator) -> (augmented images, rows for the loss)
+AugmentFn = Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass
@@ -37,12 +40,14 @@ class FitResult:
 @dataclass
 class Objective:
     """What a stage adds to the plain recipe: the loss (default cross-entropy), modules trained alongside the
-    model (a FitNets adapter), and `epoch_pool(epoch)`, the train positions an epoch may draw from (the
-    curriculum; default all)."""
+    model (a FitNets adapter), `epoch_pool(epoch)`, the train positions an epoch may draw from (the
+    curriculum; default all), and `augment`, which replaces the recipe's random crop and flip (replayed
+    teacher views; default none)."""
 
     loss_fn: LossFn | None = None
     extra_modules: list[nn.Module] = field(default_factory=list)
     epoch_pool: Callable[[int], torch.Tensor] | None = None
+    augment: AugmentFn | None = None
 
 
 def cross_entropy_loss(label_smoothing: float = 0.0) -> LossFn:
@@ -92,7 +97,7 @@ def predict(model: nn.Module, x: torch.Tensor, rt: Runtime, batch_size: int = 51
     model.eval()
     out = []
     for start in range(0, len(x), batch_size):
-        xb = to_float(x[start : start + batch_size].to(rt.device, non_blocking=True))
+        xb = rt.layout(to_float(x[start : start + batch_size].to(rt.device, non_blocking=True)))
         with rt.autocast():
             out.append(model(xb).float().cpu())
     return torch.cat(out) if out else torch.empty(0)
@@ -159,17 +164,20 @@ class _Trainer:
     modules: list[nn.Module]  # the model first, then the objective's extra modules
     opt: torch.optim.Optimizer
     loss_fn: LossFn
+    augment: AugmentFn
     cfg: TrainConfig
     rt: Runtime
     shuffle_gen: torch.Generator  # on the host: the batch order
     aug_gen: torch.Generator  # on the training device: crops and flips
+    scaler: torch.amp.GradScaler | None  # fp16 only
 
     @classmethod
     def build(cls, model: nn.Module, cfg: TrainConfig, rt: Runtime, seed: int, objective: Objective) -> _Trainer:
         modules = [model, *objective.extra_modules]
         params = [p for m in modules for p in m.parameters() if p.requires_grad]
         return cls(modules, make_optimizer(params, cfg), objective.loss_fn or cross_entropy_loss(cfg.label_smoothing),
-                   cfg, rt, torch.Generator().manual_seed(seed), rt.generator(seed + 1))
+                   objective.augment or _recipe_augment(cfg), cfg, rt, torch.Generator().manual_seed(seed),
+                   rt.generator(seed + 1), rt.grad_scaler())
 
     def train_epoch(self, train: Split, pool: torch.Tensor, epoch: int) -> dict:
         """One pass over `pool`; returns the epoch's mean loss parts, train accuracy and last lr."""
@@ -197,14 +205,28 @@ class _Trainer:
             group["lr"] = lr
         dev_idx = idx.to(train.x.device)
         x = to_float(train.x[dev_idx].to(self.rt.device, non_blocking=True))
-        x = augment_batch(x, self.cfg.crop_padding, self.cfg.flip, generator=self.aug_gen)
+        x, rows = self.augment(x, idx, self.aug_gen)
         y = train.y[dev_idx].to(self.rt.device, non_blocking=True)
         with self.rt.autocast():
-            logits, parts = self.loss_fn(self.modules[0], x, y, idx)
+            logits, parts = self.loss_fn(self.modules[0], self.rt.layout(x), y, rows)
         self.opt.zero_grad(set_to_none=True)
-        parts["loss"].backward()
-        self.opt.step()
+        if self.scaler is None:
+            parts["loss"].backward()
+            self.opt.step()
+        else:  # fp16: scale the loss up so small gradients survive, unscale before the step, skip on inf
+            self.scaler.scale(parts["loss"]).backward()
+            self.scaler.step(self.opt)
+            self.scaler.update()
         return logits, y, parts
+
+
+def _recipe_augment(cfg: TrainConfig) -> AugmentFn:
+    """The recipe's random crop and flip; the loss gets the train positions."""
+
+    def augment(x: torch.Tensor, idx: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        return augment_batch(x, cfg.crop_padding, cfg.flip, generator=gen), idx
+
+    return augment
 
 
 def _snapshot(modules: list[nn.Module]) -> list[dict]:

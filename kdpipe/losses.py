@@ -30,6 +30,13 @@ LOSSES: dict[str, str] = {
     "dkd": "decoupled KD: alpha·TCKD + beta·NCKD (Zhao et al. 2022)",
 }
 
+FEATURE_TERMS = ("hint", "at")  # terms that need intermediate features, which no cache of teacher outputs holds
+
+
+def needs_features(weights: dict[str, float]) -> bool:
+    return any(weights.get(term, 0) > 0 for term in FEATURE_TERMS)
+
+
 PRESETS: dict[str, dict[str, float]] = {
     # Training from scratch: the baseline every distilled student is compared with.
     "ce": {"ce": 1.0},

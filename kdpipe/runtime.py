@@ -2,35 +2,108 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
-from kdpipe.config import ConfigError
+from kdpipe.config import ConfigError, RuntimeConfig
 
 
 @dataclass(frozen=True)
 class Runtime:
+    """The device and how to compute on it; built once per stage process by setup() (or make_runtime())."""
+
     device: torch.device
-    amp_dtype: torch.dtype | None  # bf16 autocast on CUDA; None (fp32) on CPU
+    precision: str = "fp32"  # resolved: fp32 | bf16 | fp16 (autocast dtype of forward passes; losses stay fp32)
+    channels_last: bool = False  # NHWC layout for 4-D weights and image batches
+    compile: bool = False  # torch.compile each model prepare() is given
 
     @property
-    def precision(self) -> str:
-        return "bf16-mixed" if self.amp_dtype is not None else "fp32"
+    def amp_dtype(self) -> torch.dtype | None:
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
 
     def autocast(self):
-        """Mixed precision where it pays (CUDA); a no-op context on CPU."""
+        """Forward passes in the low precision (a no-op context in fp32). Losses cast logits back to fp32."""
         if self.amp_dtype is None:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
+    def grad_scaler(self) -> torch.amp.GradScaler | None:
+        """fp16 needs loss scaling (its small gradients underflow); bf16 has fp32's range and does not."""
+        return torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """`model` on the device, in channels_last when asked (a no-op for models without 4-D weights), and
+        compiled in place when asked (nn.Module.compile keeps state_dict keys, so checkpoints stay plain)."""
+        model.to(self.device)
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
+        if self.compile:
+            model.compile()
+        return model
+
+    def layout(self, x: torch.Tensor) -> torch.Tensor:
+        """An image batch (N, C, H, W) in the models' memory layout."""
+        if self.channels_last and x.dim() == 4:
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
+
     def generator(self, seed: int) -> torch.Generator:
         """A generator on the training device, so augmentation and shuffling stay on it."""
         return torch.Generator(device=self.device).manual_seed(seed)
+
+
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU computes bf16 in hardware (x86 AVX512-BF16 or AMX, Arm's BF16 extension), read from
+    /proc/cpuinfo's flags. Elsewhere (or unreadable) False: emulated bf16 is slower than fp32."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags = set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            flags.update(value.split())
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def resolve_precision(choice: str, device: torch.device) -> str:
+    """`runtime.precision` for this device: `auto` is bf16 on GPUs with native bf16 (compute capability ≥ 8.0)
+    and on CPUs with native bf16, fp16 (with loss scaling) on older GPUs, fp32 elsewhere. An explicit choice
+    the device cannot run is a ConfigError naming the param."""
+    if choice == "fp32":
+        return "fp32"
+    if device.type == "cuda":
+        # including_emulation=False: pre-Ampere GPUs report bf16 "supported" through slow emulation.
+        native = torch.cuda.is_bf16_supported(including_emulation=False)
+        if choice == "auto":
+            return "bf16" if native else "fp16"
+        if choice == "bf16" and not native:
+            raise ConfigError(f"runtime.precision=bf16: {torch.cuda.get_device_name(device)} has no native bf16 "
+                              "(compute capability < 8.0); use auto (fp16 there) or fp32")
+        return choice
+    if choice == "fp16":
+        raise ConfigError(f"runtime.precision=fp16: needs a CUDA GPU, this runs on {device.type}; "
+                          "use auto, bf16 or fp32")
+    if device.type == "cpu" and choice == "auto":
+        return "bf16" if cpu_has_native_bf16() else "fp32"
+    return "fp32" if choice == "auto" else choice
+
+
+def make_runtime(device: str | None = None, precision: str = "auto", channels_last: bool = True,
+                 compile: bool = False) -> Runtime:
+    """A Runtime without the seeding and thread setup of setup(): for benchmarks and tools."""
+    dev = pick_device(device)
+    return Runtime(dev, resolve_precision(precision, dev), channels_last, compile)
 
 
 def seed_everything(seed: int) -> None:
@@ -39,11 +112,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def setup(seed: int, device: str | None = None) -> Runtime:
+def setup(seed: int, device: str | None = None, cfg: RuntimeConfig | None = None) -> Runtime:
     """Pick the device (CUDA when present unless KDPIPE_DEVICE says otherwise), the CPU threads
-    (KDPIPE_THREADS, default torch's), seed everything, and make CPU runs repeatable bit for bit.
-    A device or thread count this machine cannot honour is a ConfigError naming the variable."""
+    (KDPIPE_THREADS, default torch's), the precision and layout (`cfg`: params' runtime section), seed
+    everything, and make CPU runs repeatable bit for bit. A device, thread count or precision this machine
+    cannot honour is a ConfigError naming the variable or param."""
+    cfg = cfg or RuntimeConfig()
     dev = pick_device(device)
+    rt = Runtime(dev, resolve_precision(cfg.precision, dev), cfg.channels_last, cfg.compile)
     threads = os.environ.get("KDPIPE_THREADS")
     if threads:
         if not threads.isdigit() or int(threads) < 1:
@@ -56,10 +132,9 @@ def setup(seed: int, device: str | None = None) -> Runtime:
         # alone: torch.use_deterministic_algorithms also imports torch._inductor (1.4 s a stage process,
         # measured) to set a flag only torch.compile reads, and kdpipe trains eagerly.
         torch._C._set_deterministic_algorithms(True, warn_only=True)
-        return Runtime(dev, None)
-    torch.backends.cudnn.benchmark = True
-    bf16 = dev.type == "cuda" and torch.cuda.is_bf16_supported()
-    return Runtime(dev, torch.bfloat16 if bf16 else None)
+    elif dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    return rt
 
 
 def pick_device(device: str | None = None) -> torch.device:
@@ -87,6 +162,8 @@ def device_facts(rt: Runtime) -> dict[str, str]:
         "cuda_version": str(torch.version.cuda),
         "device": str(rt.device),
         "precision": rt.precision,
+        "channels_last": str(rt.channels_last),
+        "compile": str(rt.compile),
         "cpu_threads": str(torch.get_num_threads()),
         "gpu_count": str(torch.cuda.device_count() if torch.cuda.is_available() else 0),
         "gpu_name": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",

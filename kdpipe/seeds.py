@@ -55,7 +55,7 @@ def train_seeds(recipe: StudentConfig, prepared: dict, rt, splits: tuple[Split, 
     runs = []
     for seed in recipe.seeds:
         seed_everything(seed)  # same seed → same init for scratch and distill
-        model = build_student(recipe, prepared, rt.device)
+        model = rt.prepare(build_student(recipe, prepared, rt.device))
         objective = objective_for(model, seed) if objective_for else Objective()
         t0 = time.perf_counter()
         result = fit(model, train, val, recipe, rt, seed=seed, objective=objective, desc=f"{desc} seed {seed}",
@@ -127,7 +127,8 @@ def write_student_outputs(stage: str, ctx: StageContext, runs: list[SeedRun], pa
         save_checkpoint(ctx.paths.student(stage, r.seed), r.model, classes=ctx.prepared["classes"], params=params,
                         extra={"seed": r.seed, "dataset_digest": ctx.digest})
     metrics = {**summarise(runs), "model": ctx.cfg.student.model, "num_parameters": count_parameters(runs[0].model),
-               **(extra_metrics or {}), "dataset_digest": ctx.digest, "params": params}
+               **(extra_metrics or {}), "precision": ctx.rt.precision, "dataset_digest": ctx.digest,
+               "params": params}
     write_json(ctx.paths.metrics(stage), metrics)
     write_csv(ctx.paths.curves(stage), mean_curves(runs))
     return metrics

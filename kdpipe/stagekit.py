@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
@@ -20,12 +21,30 @@ def run_stage(stage: str, work: Callable[[Config], object], argv: list[str] | No
     parser = argparse.ArgumentParser(prog=f"python -m kdpipe.stages.{stage}")
     parser.add_argument("--params", default=os.environ.get("KDPIPE_PARAMS", DEFAULT_PARAMS))
     args = parser.parse_args(argv)
+    t0 = time.perf_counter()
     try:
         work(load(args.params))
     except UserError as e:
         print(f"kdpipe {stage}: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
+    _record_timing(stage, time.perf_counter() - t0)
     return 0
+
+
+def _record_timing(stage: str, work_seconds: float) -> None:
+    """With KDPIPE_TIMING=<file>, append one JSON line: the stage, seconds in its work (params on), and the
+    process's age when the work began (interpreter start and imports before it). bench/overhead.py reads it."""
+    target = os.environ.get("KDPIPE_TIMING")
+    if not target:
+        return
+    import json
+
+    import psutil
+
+    age = time.time() - psutil.Process().create_time()
+    row = {"stage": stage, "work_s": round(work_seconds, 3), "before_work_s": round(age - work_seconds, 3)}
+    with open(target, "a") as f:
+        f.write(json.dumps(row) + "\n")
 
 
 @dataclass(frozen=True)
@@ -74,6 +93,6 @@ def start(cfg: Config, outputs: tuple[str, ...] = ()) -> StageContext:
 
     preflight(cfg, outputs)
     paths = Paths(cfg.paths)
-    rt = runtime.setup(cfg.seed)
+    rt = runtime.setup(cfg.seed, cfg=cfg.runtime)
     return StageContext(cfg, rt, paths, load_prepared(paths.dataset))
 

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 from kdpipe.config import Config
 
 STAGE = "distill"
+VIEWS_FILE = "teacher_views.pt"  # inside models/distill/, with distill.teacher_views
 OUTPUTS = ("models", "metrics", "plots")  # the paths.* folders it writes, checked before any work
 
 
@@ -24,7 +26,11 @@ def run(cfg: Config) -> dict:
 
     ctx = stagekit.start(cfg, OUTPUTS)
     distiller = Distiller.load(cfg, ctx.paths, ctx.prepared, ctx.rt)  # before any run opens or file is written
-    params = {"seed": cfg.seed, "data": cfg.data.model_dump(mode="json"),
+    views = {}
+    if cfg.distill.teacher_views:
+        views["views_seconds"] = round(distiller.label_views(ctx.prepared["train_x"]), 2)
+        save_views(ctx.paths.students(STAGE) / VIEWS_FILE, distiller.views, ctx.digest, cfg)
+    params = {"seed": cfg.seed, "data": cfg.data.model_dump(mode="json"), "runtime": cfg.runtime.model_dump(mode="json"),
               "student": cfg.student.model_dump(mode="json"), "distill": cfg.distill.model_dump(mode="json"),
               "curriculum": cfg.curriculum.model_dump(mode="json"), "teacher_model": cfg.teacher.model}
     tags = {"method": cfg.distill.method, "weights": json.dumps(distiller.weights), "teacher_model": cfg.teacher.model,
@@ -34,7 +40,15 @@ def run(cfg: Config) -> dict:
         STAGE, ctx, params=params, tags=tags,
         objective_for=lambda student, seed: distiller.objective(student, seed, ctx.splits),
         extra_metrics={"method": cfg.distill.method, "weights": distiller.weights,
-                       "teacher_outputs": distiller.teacher_outputs})
+                       "teacher_outputs": distiller.teacher_outputs, **views})
+
+
+def save_views(path: Path, views, digest: str, cfg: Config) -> None:
+    """The labelled views beside the students (what they were taught with), with the params that made them."""
+    from kdpipe.artifacts import save_torch
+
+    save_torch(path, {**views.state(), "dataset_digest": digest, "seed": cfg.seed,
+                      "teacher_views": cfg.distill.teacher_views, "teacher_model": cfg.teacher.model})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -60,7 +60,7 @@ def shipped_seed(ctx: StageContext, students: list[tuple]) -> dict:
     from kdpipe.engine import score
 
     val = Split(ctx.prepared["val_x"], ctx.prepared["val_y"])  # on the host: score moves each batch
-    return choose_seed({seed: score(model.to(ctx.rt.device), val, ctx.rt) for seed, model in students})
+    return choose_seed({seed: score(ctx.rt.prepare(model), val, ctx.rt) for seed, model in students})
 
 
 def score_model(model, prepared: dict, rt) -> dict:
@@ -68,7 +68,7 @@ def score_model(model, prepared: dict, rt) -> dict:
     from kdpipe.engine import predict
     from kdpipe.metrics import classification_metrics
 
-    logits = predict(model.to(rt.device), prepared["test_x"], rt)
+    logits = predict(rt.prepare(model), prepared["test_x"], rt)
     return classification_metrics(logits, prepared["test_y"], prepared["classes"])
 
 

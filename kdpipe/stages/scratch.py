@@ -17,7 +17,7 @@ OUTPUTS = ("models", "metrics", "plots")  # the paths.* folders it writes, check
 def run(cfg: Config) -> dict:
     from kdpipe import seeds, stagekit
 
-    params = {"seed": cfg.seed, "data": cfg.data.model_dump(mode="json"),
+    params = {"seed": cfg.seed, "data": cfg.data.model_dump(mode="json"), "runtime": cfg.runtime.model_dump(mode="json"),
               "student": cfg.student.model_dump(mode="json")}
     return seeds.student_stage(STAGE, stagekit.start(cfg, OUTPUTS), params=params, tags={"method": "ce"})
 

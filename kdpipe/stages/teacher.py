@@ -26,7 +26,7 @@ def train_teacher(cfg: Config, prepared: dict, rt, splits, on_epoch=None):
 
     c = prepared["image_shape"][0]
     model = build_model(cfg.teacher.model, c, len(prepared["classes"]), mean=prepared["mean"], std=prepared["std"])
-    model.to(rt.device)
+    rt.prepare(model)
     train, val, _ = splits
     result = fit(model, train, val, cfg.teacher, rt, seed=cfg.seed, on_epoch=on_epoch, desc=STAGE)
     return model, result
@@ -100,7 +100,7 @@ def teacher_metrics(ctx, model, result, train_seconds: float, params: dict) -> d
         "epochs_run": result.epochs_run, "best_epoch": result.best_epoch,
         "stopped_early": result.stopped_early, "train_seconds": round(train_seconds, 2),
         "num_parameters": count_parameters(model), "model": model.name, "source": ctx.cfg.teacher.source,
-        "dataset_digest": ctx.digest, "params": params,
+        "precision": ctx.rt.precision, "dataset_digest": ctx.digest, "params": params,
     }
 
 
@@ -123,8 +123,9 @@ def run(cfg: Config) -> dict:
 
     ctx = stagekit.start(cfg, OUTPUTS)
     bring = {"checkpoint": bring_teacher, "registry": registry_teacher}.get(cfg.teacher.source)
-    brought = bring(cfg, ctx.prepared).to(ctx.rt.device) if bring else None
-    params = {"seed": cfg.seed, "data": cfg.data.model_dump(mode="json"), "teacher": cfg.teacher.model_dump(mode="json")}
+    brought = ctx.rt.prepare(bring(cfg, ctx.prepared)) if bring else None
+    params = {"seed": cfg.seed, "data": cfg.data.model_dump(mode="json"), "teacher": cfg.teacher.model_dump(mode="json"),
+              "runtime": cfg.runtime.model_dump(mode="json")}
     tags = ctx.tags(teacher_source=cfg.teacher.source, model=cfg.teacher.model)
     with tracking.stage_run(STAGE, cfg, tags=tags) as run:
         t0 = time.perf_counter()
