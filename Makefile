@@ -9,7 +9,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: venv run test test-fast ui lint bench-quality bench-curriculum
+.PHONY: venv run test test-fast ui lint bench-quality bench-curriculum bench-views bench-speed
 
 venv:
 	@want=$$(sha256sum pyproject.toml | cut -d' ' -f1); \
@@ -58,6 +58,18 @@ bench-quality: venv
 
 bench-curriculum: venv
 	python bench/quality.py --curriculum
+
+bench-views: venv
+	python bench/quality.py --views
+
+# Speed against torchdistill (bench/speed.py), what `make run` costs beyond the stages' own work
+# (bench/overhead.py) and the distill stage's peak memory on Fashion-MNIST's 60k images (bench/memory.py), one
+# after the other (timings taken side by side slow each other); the bench extra (torchdistill) on first use.
+bench-speed: venv
+	@pip show -q torchdistill >/dev/null 2>&1 || pip install -q -e '.[bench]'
+	python bench/speed.py
+	python bench/overhead.py
+	python bench/memory.py
 
 # Prefect (flows/, prefect.yaml). `make prefect-server` in one terminal, then in another:
 #   export PREFECT_API_URL=http://127.0.0.1:4200/api; make deploy; prefect worker start --pool kdpipe-process

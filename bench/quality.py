@@ -3,7 +3,9 @@
 Runs the real stage workers (prepare → teacher → scratch → distill → evaluate) in-process on
 bench/quality.yaml, in bench/work/quality/, and writes bench/results/quality.json. With --curriculum it then
 reruns distill with the curriculum on (easy→hard, random, hard→easy) over the same teacher and seeds and
-writes bench/results/curriculum.json. Run from the repo root: `make bench-quality` / `make bench-curriculum`.
+writes bench/results/curriculum.json; with --views it distills augmented students from a live teacher and from
+the teacher's cached views (K = 1, 4, 8) and writes bench/results/views.json. `--precision fp32` runs the
+benchmark in fp32 (bench/results/quality_fp32.json). Run from the repo root: `make bench-quality` / `make bench-curriculum`.
 """
 
 from __future__ import annotations
@@ -55,10 +57,10 @@ def machine() -> dict:
             "torch": torch.__version__, "cuda": torch.cuda.is_available()}
 
 
-def quality() -> dict:
+def quality(overrides: dict | None = None) -> dict:
     from kdpipe.stages import distill, evaluate, prepare, scratch, teacher
 
-    cfg = bench_config()
+    cfg = bench_config(overrides)
     seconds = {}
     for name, stage in (("prepare", prepare), ("teacher", teacher), ("scratch", scratch), ("distill", distill),
                         ("evaluate", evaluate)):
@@ -68,6 +70,7 @@ def quality() -> dict:
     result = {
         "dataset": cfg.data.dataset, "train_subset": cfg.data.train_subset, "seeds": list(cfg.student.seeds),
         "teacher_model": cfg.teacher.model, "student_model": cfg.student.model, "method": cfg.distill.method,
+        "precision": metrics["distill"]["precision"], "channels_last": cfg.runtime.channels_last,
         "teacher": stats(metrics["teacher"]), "scratch": stats(metrics["scratch"]),
         "distilled": stats(metrics["distill"]), "gap_recovered": metrics["evaluate"]["gap_recovered"],
         "seconds": {k: round(v, 1) for k, v in seconds.items()}, "total_seconds": round(sum(seconds.values()), 1),
@@ -102,15 +105,52 @@ def curriculum_ablation() -> dict:
     return result
 
 
+# The student's augmentation for the views ablation: the teacher's own crop and flip (bench/quality.yaml).
+AUGMENTED = {"crop_padding": 2, "flip": True}
+VIEW_COUNTS = (1, 4, 8)
+
+
+def views_ablation() -> dict:
+    """Distill with the student augmented (crop + flip): a live teacher on every batch, then the teacher's
+    cached views (FKD) with K = 1, 4, 8 views per image; the teacher and seeds of quality()."""
+    import shutil
+
+    from kdpipe.stages import distill
+
+    if not (WORK / "models" / "teacher.pt").is_file():
+        sys.exit("bench: run the quality benchmark first (it trains the teacher this ablation reuses)")
+    result = {"dataset": "fashion_mnist", "student_augmentation": AUGMENTED, "seconds": {}}
+    for k in (0, *VIEW_COUNTS):
+        label = f"views{k}" if k else "live"
+        out = WORK / f"views_{label}"
+        (out / "models").mkdir(parents=True, exist_ok=True)
+        shutil.copy2(WORK / "models" / "teacher.pt", out / "models" / "teacher.pt")
+        cfg = bench_config({"student": AUGMENTED, "distill": {"teacher_views": k},
+                            "paths": {"models": str(out / "models"), "metrics": str(out / "metrics"),
+                                      "plots": str(out / "plots")}})
+        _, result["seconds"][label] = timed(f"distill, {label}", distill.run, cfg)
+        metrics = json.loads((out / "metrics" / "distill.json").read_text())
+        result[label] = {**stats(metrics), "views_seconds": metrics.get("views_seconds", 0.0),
+                         "precision": metrics["precision"]}
+    result["machine"] = machine()
+    return result
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--curriculum", action="store_true", help="run the curriculum ablation (after quality)")
+    parser.add_argument("--views", action="store_true", help="run the cached-views ablation (after quality)")
+    parser.add_argument("--precision", default=None, help="override runtime.precision (fp32 writes quality_fp32.json)")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     if args.curriculum:
         out, name = curriculum_ablation(), "curriculum.json"
+    elif args.views:
+        out, name = views_ablation(), "views.json"
     else:
-        out, name = quality(), "quality.json"
+        overrides = {"runtime": {"precision": args.precision}} if args.precision else None
+        out = quality(overrides)
+        name = "quality_fp32.json" if out["precision"] == "fp32" else "quality.json"
     (RESULTS / name).write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps({k: v for k, v in out.items() if k not in ("params", "machine")}, indent=2))
     return 0
