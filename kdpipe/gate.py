@@ -128,7 +128,9 @@ def registry_lease(client, name: str) -> Iterator[None]:
             client.create_registered_model(lease, description=f"kdpipe: an export is gating {name}")
             break
         except MlflowException as e:
-            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            # ALREADY_EXISTS: someone holds it. DOES_NOT_EXIST: the sqlalchemy store lost the insert race and,
+            # looking the winner up to say so, found the lease already released (seen under load): try again.
+            if e.error_code not in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"):
                 raise
         _wait_for_lease(client, lease, seen, start)
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import random
@@ -24,6 +25,11 @@ class Runtime:
     precision: str = "fp32"  # resolved: fp32 | bf16 | fp16 (autocast dtype of forward passes; losses stay fp32)
     channels_last: bool = False  # NHWC layout for 4-D weights and image batches
     compile: bool = False  # torch.compile each model prepare() is given
+
+    def exact(self) -> Runtime:
+        """This runtime in fp32: for the scores a stage reports, so that they are the scores of the fp32 weights
+        that are saved and shipped (ONNX), not of their bf16/fp16 forward."""
+        return dataclasses.replace(self, precision="fp32")
 
     @property
     def amp_dtype(self) -> torch.dtype | None:

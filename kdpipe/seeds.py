@@ -61,7 +61,8 @@ def train_seeds(recipe: StudentConfig, prepared: dict, rt, splits: tuple[Split, 
         result = fit(model, train, val, recipe, rt, seed=seed, objective=objective, desc=f"{desc} seed {seed}",
                      on_epoch=(lambda row, s=seed: on_epoch(row, s)) if on_epoch else None)
         seconds = time.perf_counter() - t0
-        runs.append(SeedRun(seed, model, result, score(model, val, rt), score(model, test, rt), seconds))
+        exact = rt.exact()  # reported scores: the fp32 weights that are saved, as evaluate and export see them
+        runs.append(SeedRun(seed, model, result, score(model, val, exact), score(model, test, exact), seconds))
     return runs
 
 

@@ -104,14 +104,16 @@ def preflight(cfg: Config, outputs: tuple[str, ...] = ()) -> None:
     require_writable({f"paths.{key}": getattr(cfg.paths, key) for key in outputs})
 
 
-def start(cfg: Config, outputs: tuple[str, ...] = ()) -> StageContext:
+def start(cfg: Config, outputs: tuple[str, ...] = (), *, exact: bool = False) -> StageContext:
     """The environment checked (preflight), seed, device and threads set once (runtime.setup), then the prepared
-    data loaded and checked."""
+    data loaded and checked. `exact`: compute in fp32 whatever runtime.precision says (stages that only score
+    the saved weights)."""
     from kdpipe import runtime
     from kdpipe.artifacts import load_prepared
 
     preflight(cfg, outputs)
     paths = Paths(cfg.paths)
     rt = runtime.setup(cfg.seed, cfg=cfg.runtime)
+    rt = rt.exact() if exact else rt
     return StageContext(cfg, rt, paths, load_prepared(paths.dataset))
 

@@ -230,3 +230,15 @@ def test_a_stage_process_skips_teardown_but_not_its_output(workdir):
     bad = write_params(workdir / "bad.yaml", tiny_params(workdir, data__val_fraction=2))
     failed = subprocess.run([*cmd, str(bad)], cwd=workdir, env=env, capture_output=True, text=True, timeout=120)
     assert failed.returncode == 2 and failed.stderr.strip().startswith("kdpipe prepare: error: data.val_fraction")
+
+
+def test_training_stages_log_their_precision_and_scoring_stages_fp32(tiny_pipeline):
+    """The precision a stage ran is its `precision` tag; evaluate and export score the saved fp32 weights."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tiny_pipeline.cfg.tracking.uri)
+    tags = {stage: client.get_run(run_id).data.tags for stage, run_id in tiny_pipeline.run_ids.items()}
+    trained = resolve_precision("auto", CPU)
+    assert [tags[s]["precision"] for s in ("teacher", "scratch", "distill")] == [trained] * 3
+    assert tags["evaluate"]["precision"] == tags["export"]["precision"] == "fp32"
+    assert tags["distill"]["channels_last"] == "True"

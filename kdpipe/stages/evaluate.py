@@ -152,7 +152,7 @@ def run(cfg: Config) -> dict:
     from kdpipe.artifacts import write_json
     from kdpipe.stagekit import start
 
-    ctx = start(cfg, OUTPUTS)
+    ctx = start(cfg, OUTPUTS, exact=True)  # fp32: the scores of the weights that ship (ONNX)
     models = load_models(ctx)
     results, scored = evaluate(ctx, models)
     with tracking.stage_run(STAGE, cfg, tags=ctx.tags()) as run:

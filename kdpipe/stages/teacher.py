@@ -93,7 +93,8 @@ def teacher_metrics(ctx, model, result, train_seconds: float, params: dict) -> d
     from kdpipe.models import count_parameters
 
     _, val, test = ctx.splits
-    val_m, test_m = score(model, val, ctx.rt), score(model, test, ctx.rt)
+    exact = ctx.rt.exact()  # reported scores: the fp32 weights that are saved, as evaluate and export see them
+    val_m, test_m = score(model, val, exact), score(model, test, exact)
     return {
         "val_accuracy": val_m["accuracy"], "test_accuracy": test_m["accuracy"],
         "val_loss": val_m["loss"], "test_loss": test_m["loss"],
