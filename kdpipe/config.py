@@ -220,6 +220,7 @@ class PathsConfig(_Section):
     metrics: str = "metrics"
     plots: str = "plots"
     reports: str = "reports"
+    resume: str = ".kdpipe/resume"  # interrupted training stages' state: git-ignored, never a DVC output
 
 
 class Config(_Section):

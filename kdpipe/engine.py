@@ -7,6 +7,7 @@ same loop, schedule and early stopping as the scratch baseline.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 import time
@@ -19,6 +20,7 @@ from torch import nn
 from kdpipe import losses
 from kdpipe.config import TrainConfig
 from kdpipe.data import Split, augment_batch, to_float
+from kdpipe.errors import UserError
 from kdpipe.runtime import Runtime
 
 # (model, float images (B, C, H, W) augmented, labels (B,), rows (B,)) -> (logits, parts incl. "loss"). rows are
@@ -26,6 +28,16 @@ from kdpipe.runtime import Runtime
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict]]
 # (float images (B, C, H, W), train positions (B,), generator) -> (augmented images, rows for the loss)
 AugmentFn = Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
+
+
+# A loss this many times its value over the first steps of a run has diverged (a bad learning rate: teacher.lr 10
+# measured 4.7 → 1,115,076 in one epoch here), as has a non-finite one.
+DIVERGENCE_FACTOR = 100.0
+START_STEPS = 10  # the steps whose median loss is "the start" (a median: a blow-up among them does not move it)
+
+
+class DivergedError(UserError):
+    """Training diverged: the stage stops before anything is written."""
 
 
 @dataclass
@@ -122,18 +134,24 @@ def fit(
     on_epoch: Callable[[dict], None] | None = None,
     desc: str = "train",
     restore_best: bool = True,
+    state: dict | None = None,
+    on_state: Callable[[dict], None] | None = None,
 ) -> FitResult:
     """Train `model` in place with cfg's recipe; early-stop on val accuracy and restore the best weights.
 
     The test split is never seen here. `restore_best=False` keeps the last weights (a warm-up phase whose
-    val accuracy means nothing).
+    val accuracy means nothing). `on_state(state)` gets, after every epoch but the last, everything the rest of
+    the run depends on (plain tensors and numbers); `state=` continues from such a state exactly as the
+    uninterrupted run would have (kdpipe.resume keeps it on disk).
     """
     objective = objective or Objective()
-    trainer = _Trainer.build(model, cfg, rt, seed, objective)
+    trainer = _Trainer.build(model, cfg, rt, seed, objective, desc)
     all_idx = torch.arange(len(train))
-    result, best_state, best_key = FitResult(), None, (-1.0, 0.0)
+    result, best_state, best_key, start = FitResult(), None, (-1.0, 0.0), 0
+    if state is not None:
+        result, best_state, best_key, start = trainer.load_state(state)
     bar = _progress(cfg.epochs, desc)
-    for epoch in range(cfg.epochs):
+    for epoch in range(start, cfg.epochs):
         pool = objective.epoch_pool(epoch) if objective.epoch_pool else all_idx
         t0 = time.perf_counter()
         row = {"epoch": epoch + 1, **trainer.train_epoch(train, pool, epoch)}
@@ -152,6 +170,8 @@ def fit(
         if cfg.patience and epoch + 1 - result.best_epoch >= cfg.patience:
             result.stopped_early = True
             break
+        if on_state and epoch + 1 < cfg.epochs:
+            on_state(trainer.state(epoch + 1, result, best_state, best_key))
     if restore_best:
         _restore(trainer.modules, best_state)
     return result
@@ -170,14 +190,18 @@ class _Trainer:
     shuffle_gen: torch.Generator  # on the host: the batch order
     aug_gen: torch.Generator  # on the training device: crops and flips
     scaler: torch.amp.GradScaler | None  # fp16 only
+    seed: int = 0
+    desc: str = "train"  # names the run in errors ("distill seed 1")
+    start_loss: float | None = None  # median loss over the run's first START_STEPS steps
 
     @classmethod
-    def build(cls, model: nn.Module, cfg: TrainConfig, rt: Runtime, seed: int, objective: Objective) -> _Trainer:
+    def build(cls, model: nn.Module, cfg: TrainConfig, rt: Runtime, seed: int, objective: Objective,
+              desc: str = "train") -> _Trainer:
         modules = [model, *objective.extra_modules]
         params = [p for m in modules for p in m.parameters() if p.requires_grad]
         return cls(modules, make_optimizer(params, cfg), objective.loss_fn or cross_entropy_loss(cfg.label_smoothing),
                    objective.augment or _recipe_augment(cfg), cfg, rt, torch.Generator().manual_seed(seed),
-                   rt.generator(seed + 1), rt.grad_scaler())
+                   rt.generator(seed + 1), rt.grad_scaler(), seed, desc)
 
     def train_epoch(self, train: Split, pool: torch.Tensor, epoch: int) -> dict:
         """One pass over `pool`; returns the epoch's mean loss parts, train accuracy and last lr."""
@@ -186,18 +210,63 @@ class _Trainer:
         cfg = self.cfg
         n_batches = max(1, math.ceil(len(pool) / cfg.batch_size))
         sums: dict[str, torch.Tensor] = {}
+        steps: dict[str, list[torch.Tensor]] = {}  # each step's loss parts, checked once the epoch is done
         correct = seen = 0
         for i, idx in enumerate(_batches(pool, cfg.batch_size, self.shuffle_gen)):
             lr = cfg.lr * lr_factor(epoch + i / n_batches, cfg)
             logits, y, parts = self.step(train, idx, lr)
             for name, value in parts.items():  # sums as tensors: one host sync per epoch, not per step
                 sums[name] = sums.get(name, 0.0) + value.detach().float() * len(idx)
+                steps.setdefault(name, []).append(value.detach().float())
             correct += (logits.argmax(1) == y).sum()
             seen += len(idx)
+        self.check_divergence({name: torch.stack(values).cpu() for name, values in steps.items()}, epoch)
         row = {f"train_{k}": (v / max(seen, 1)).item() for k, v in sums.items()}
         row["train_accuracy"] = float(correct) / max(seen, 1)
         row["lr"] = lr
         return row
+
+    def state(self, epochs_done: int, result: FitResult, best_state: list | None, best_key: tuple) -> dict:
+        """What fit() needs to continue after `epochs_done` epochs, as tensors, numbers and lists (a
+        weights_only load reads it back)."""
+        return {"epoch": epochs_done, "modules": [m.state_dict() for m in self.modules], "opt": self.opt.state_dict(),
+                "shuffle": self.shuffle_gen.get_state(), "aug": self.aug_gen.get_state(),
+                "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state(self.rt.device) if self.rt.device.type == "cuda" else None,
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "start_loss": self.start_loss, "result": dataclasses.asdict(result), "best_key": list(best_key),
+                "best_state": best_state or []}
+
+    def load_state(self, state: dict) -> tuple[FitResult, list | None, tuple, int]:
+        """Put the trainer back where state() was taken; (result so far, best weights, best key, next epoch)."""
+        for module, saved in zip(self.modules, state["modules"], strict=True):
+            module.load_state_dict(saved)
+        self.opt.load_state_dict(state["opt"])
+        self.shuffle_gen.set_state(state["shuffle"])
+        self.aug_gen.set_state(state["aug"])
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"], self.rt.device)
+        if self.scaler is not None and state["scaler"] is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        self.start_loss = state["start_loss"]
+        return FitResult(**state["result"]), state["best_state"] or None, tuple(state["best_key"]), state["epoch"]
+
+    def check_divergence(self, steps: dict[str, torch.Tensor], epoch: int) -> None:
+        """DivergedError naming the first step whose loss is non-finite or DIVERGENCE_FACTOR times the run's start
+        (a non-finite gradient shows one step later, as a non-finite loss). `steps`: each part, one value a step."""
+        loss = steps["loss"]
+        if self.start_loss is None and len(loss):
+            self.start_loss = loss[:START_STEPS].nanmedian().item()
+        limit = DIVERGENCE_FACTOR * max(abs(self.start_loss or 0.0), 1e-3)
+        bad = (~torch.isfinite(loss) | (loss > limit)).nonzero()
+        if len(bad):
+            i = int(bad[0])
+            parts = ", ".join(f"{k} {v[i].item():.4g}" for k, v in steps.items() if k != "loss")
+            raise DivergedError(
+                f"{self.desc}: diverged at seed {self.seed}, epoch {epoch + 1}, step {i + 1}/{len(loss)}: loss "
+                f"{loss[i].item():.4g}{f' ({parts})' if parts else ''}, over {DIVERGENCE_FACTOR:g}x its start {self.start_loss:.4g} or "
+                f"not finite; lower the lr ({self.cfg.lr:g}) or raise warmup_epochs ({self.cfg.warmup_epochs:g})")
 
     def step(self, train: Split, idx: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """One optimizer step on the batch at train positions `idx`, augmented on the device."""

@@ -6,6 +6,7 @@ deps do not include the student loop)."""
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import sys
 import time
@@ -21,6 +22,7 @@ from kdpipe.engine import FitResult, Objective, fit, score
 from kdpipe.metrics import mean_std
 
 if TYPE_CHECKING:
+    from kdpipe.resume import Resume
     from kdpipe.stagekit import StageContext
 
 CURVE_KEYS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "train_samples")
@@ -46,9 +48,10 @@ def build_student(recipe: StudentConfig, prepared: dict, device) -> nn.Module:
 
 def train_seeds(recipe: StudentConfig, prepared: dict, rt, splits: tuple[Split, Split, Split], *, desc: str,
                 objective_for: Callable[[nn.Module, int], Objective] | None = None,
-                on_epoch: Callable[[dict, int], None] | None = None) -> list[SeedRun]:
+                on_epoch: Callable[[dict, int], None] | None = None, resume: Resume | None = None) -> list[SeedRun]:
     """Train one student per seed in recipe.seeds; `objective_for(student, seed)` adds the stage's objective
-    (it may train the student first, as FitNets' hint phase does)."""
+    (it may train the student first, as FitNets' hint phase does). With `resume`, seeds an interrupted run
+    finished are not trained again and the one it stopped in continues from its last complete epoch."""
     from kdpipe.runtime import seed_everything
 
     train, val, test = splits
@@ -56,14 +59,32 @@ def train_seeds(recipe: StudentConfig, prepared: dict, rt, splits: tuple[Split, 
     for seed in recipe.seeds:
         seed_everything(seed)  # same seed → same init for scratch and distill
         model = rt.prepare(build_student(recipe, prepared, rt.device))
-        objective = objective_for(model, seed) if objective_for else Objective()
-        t0 = time.perf_counter()
-        result = fit(model, train, val, recipe, rt, seed=seed, objective=objective, desc=f"{desc} seed {seed}",
-                     on_epoch=(lambda row, s=seed: on_epoch(row, s)) if on_epoch else None)
-        seconds = time.perf_counter() - t0
+        done = resume.done(seed) if resume else None
+        if done is not None:
+            model.load_state_dict(done["model"])
+            result, seconds = FitResult(**done["result"]), done["seconds"]
+        else:
+            result, seconds = _train_one(model, seed, recipe, rt, train, val, desc, objective_for, on_epoch, resume)
         exact = rt.exact()  # reported scores: the fp32 weights that are saved, as evaluate and export see them
         runs.append(SeedRun(seed, model, result, score(model, val, exact), score(model, test, exact), seconds))
     return runs
+
+
+def _train_one(model, seed, recipe, rt, train, val, desc, objective_for, on_epoch, resume):
+    """fit() one seed (from where an interrupted run left it, with `resume`); (FitResult, seconds)."""
+    objective = objective_for(model, seed) if objective_for else Objective()
+    if resume:
+        resume.announce(seed)
+    t0 = time.perf_counter()
+    result = fit(model, train, val, recipe, rt, seed=seed, objective=objective, desc=f"{desc} seed {seed}",
+                 on_epoch=(lambda row: on_epoch(row, seed)) if on_epoch else None,
+                 state=resume.current(seed) if resume else None,
+                 on_state=(lambda state: resume.save_epoch(seed, state)) if resume else None)
+    seconds = time.perf_counter() - t0
+    if resume:
+        resume.save_done(seed, {"model": model.state_dict(), "result": dataclasses.asdict(result),
+                                "seconds": seconds})
+    return result, seconds
 
 
 def summarise(runs: list[SeedRun]) -> dict:
@@ -96,18 +117,21 @@ def mean_curves(runs: list[SeedRun]) -> list[dict]:
 
 
 def student_stage(stage: str, ctx: StageContext, *, params: dict, tags: dict | None = None,
-                  objective_for=None, extra_metrics: dict | None = None) -> dict:
+                  objective_for=None, extra_metrics: dict | None = None, resume_key: tuple = ()) -> dict:
     """The body of the scratch and distill stages: one student per seed → checkpoints, metrics, curves, and
     one MLflow run. `objective_for(student, seed) -> engine.Objective` is the stage's addition to the plain
     recipe (None: cross-entropy). Whatever can fail on bad input is loaded before this is called, so a bad
     teacher or cache fails with nothing logged or written."""
     from kdpipe import tracking
+    from kdpipe.resume import Resume, run_key
 
     cfg = ctx.cfg
+    resume = Resume.open(stage, cfg.paths.resume, run_key(stage, params, ctx.digest, *resume_key))
     with tracking.stage_run(stage, cfg, tags=ctx.tags(model=cfg.student.model, **(tags or {}))) as run:
         runs = train_seeds(cfg.student, ctx.prepared, ctx.rt, ctx.splits, desc=stage, objective_for=objective_for,
-                           on_epoch=lambda row, seed: run.log_epoch(row, prefix=f"seed{seed}/"))
+                           on_epoch=lambda row, seed: run.log_epoch(row, prefix=f"seed{seed}/"), resume=resume)
         metrics = write_student_outputs(stage, ctx, runs, params, extra_metrics)
+        resume.remove()  # the outputs are written: nothing left to resume
         run.log_metrics({k: metrics[k] for k in ("test_accuracy", "test_accuracy_std", "num_parameters")})
         run.log_metrics({"final_val_accuracy": metrics["val_accuracy"],
                          "final_val_accuracy_std": metrics["val_accuracy_std"]})

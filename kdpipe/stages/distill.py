@@ -39,7 +39,14 @@ def run(cfg: Config) -> dict:
         STAGE, ctx, params=params, tags=tags,
         objective_for=lambda student, seed: distiller.objective(student, seed, ctx.splits),
         extra_metrics={"method": cfg.distill.method, "weights": distiller.weights,
-                       "teacher_outputs": distiller.teacher_outputs, **views})
+                       "teacher_outputs": distiller.teacher_outputs, **views},
+        resume_key=(file_sha256(ctx.paths.teacher),))  # another teacher: another run, not a resumable one
+
+
+def file_sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def save_views(path: Path, views, digest: str, cfg: Config) -> None:

@@ -19,8 +19,9 @@ STAGE = "teacher"
 OUTPUTS = ("models", "metrics", "plots")  # the paths.* folders it writes, checked before any work
 
 
-def train_teacher(cfg: Config, prepared: dict, rt, splits, on_epoch=None):
-    """Worker: build and fit the teacher; returns (model, FitResult)."""
+def train_teacher(cfg: Config, prepared: dict, rt, splits, on_epoch=None, resume=None):
+    """Worker: build and fit the teacher (from where an interrupted run left it, with `resume`: a
+    kdpipe.resume.Resume); returns (model, FitResult)."""
     from kdpipe.engine import fit
     from kdpipe.models import build_model
 
@@ -28,7 +29,11 @@ def train_teacher(cfg: Config, prepared: dict, rt, splits, on_epoch=None):
     model = build_model(cfg.teacher.model, c, len(prepared["classes"]), mean=prepared["mean"], std=prepared["std"])
     rt.prepare(model)
     train, val, _ = splits
-    result = fit(model, train, val, cfg.teacher, rt, seed=cfg.seed, on_epoch=on_epoch, desc=STAGE)
+    if resume:
+        resume.announce(cfg.seed)
+    result = fit(model, train, val, cfg.teacher, rt, seed=cfg.seed, on_epoch=on_epoch, desc=STAGE,
+                 state=resume.current(cfg.seed) if resume else None,
+                 on_state=(lambda state: resume.save_epoch(cfg.seed, state)) if resume else None)
     return model, result
 
 
@@ -121,6 +126,7 @@ def write_outputs(ctx, model, result, metrics: dict) -> None:
 def run(cfg: Config) -> dict:
     from kdpipe import stagekit, tracking
     from kdpipe.engine import FitResult
+    from kdpipe.resume import Resume, run_key
 
     ctx = stagekit.start(cfg, OUTPUTS)
     bring = {"checkpoint": bring_teacher, "registry": registry_teacher}.get(cfg.teacher.source)
@@ -128,14 +134,18 @@ def run(cfg: Config) -> dict:
     params = {"seed": cfg.seed, "data": cfg.data.model_dump(mode="json"), "teacher": cfg.teacher.model_dump(mode="json"),
               "runtime": cfg.runtime.model_dump(mode="json")}
     tags = ctx.tags(teacher_source=cfg.teacher.source, model=cfg.teacher.model)
+    resume = Resume.open(STAGE, cfg.paths.resume, run_key(STAGE, params, ctx.digest)) if brought is None else None
     with tracking.stage_run(STAGE, cfg, tags=tags) as run:
         t0 = time.perf_counter()
         if brought is None:
-            model, result = train_teacher(cfg, ctx.prepared, ctx.rt, ctx.splits, on_epoch=run.log_epoch)
+            model, result = train_teacher(cfg, ctx.prepared, ctx.rt, ctx.splits, on_epoch=run.log_epoch,
+                                          resume=resume)
         else:
             model, result = brought, FitResult()
         metrics = teacher_metrics(ctx, model, result, time.perf_counter() - t0, params)
         write_outputs(ctx, model, result, metrics)
+        if resume:
+            resume.remove()  # the outputs are written: nothing left to resume
         # Per-epoch curves own the plain names (val_accuracy, ...); the restored best model's are `final_*`.
         run.log_metrics({f"final_{k}": metrics[k] for k in ("val_accuracy", "val_loss")})
         run.log_metrics({k: metrics[k] for k in ("test_accuracy", "test_loss", "epochs_run", "best_epoch",
