@@ -59,6 +59,7 @@ def test_a_diverging_teacher_fails_in_one_line_and_keeps_the_previous_teacher(ti
     before = (tiny_pipeline.work / "models/teacher.pt").read_bytes()
     (tmp_path / "models/teacher.pt").write_bytes(before)
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # tracking.uri above, not what a test left behind
     assert teacher.main(["--params", str(write_params(tmp_path / "params.yaml", params))]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("kdpipe teacher: error: teacher: diverged at seed 0, epoch ") and "lower the lr (10)" in err[-1]
@@ -110,7 +111,7 @@ def _kill_when(proc, state_file, ready, timeout=120.0):
 
 
 @pytest.mark.parametrize("stage", ["distill", "teacher"])
-def test_a_killed_stage_resumes_to_the_uninterrupted_result(stage, tiny_pipeline, tmp_path, capsys):
+def test_a_killed_stage_resumes_to_the_uninterrupted_result(stage, tiny_pipeline, tmp_path, capsys, monkeypatch):
     """SIGKILL mid-run (distill: inside seed 1, after seed 0 finished; teacher: after epoch 2), rerun: the same
     weights and metrics as a run never interrupted, and the log says where it resumed."""
     import importlib
@@ -124,6 +125,7 @@ def test_a_killed_stage_resumes_to_the_uninterrupted_result(stage, tiny_pipeline
 
     overrides = dict(student__epochs=8, student__seeds=[0, 1], student__patience=0, teacher__epochs=8,
                      teacher__patience=0)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # each workspace logs to its own tracking.uri
     module = importlib.import_module(f"kdpipe.stages.{stage}")
     params, _ = _workspace(tiny_pipeline, tmp_path / "straight", **overrides)
     module.run(config.from_dict(params))

@@ -180,6 +180,7 @@ def test_distill_stage_with_cached_views(tiny_pipeline, tmp_path, monkeypatch):
     (tmp_path / "models").mkdir()
     (tmp_path / "models/teacher.pt").write_bytes((tiny_pipeline.work / "models/teacher.pt").read_bytes())
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # tracking.uri above, not what a test left behind
     metrics = distill.run(config.from_dict(params))
     assert metrics["teacher_outputs"] == "views2" and metrics["views_seconds"] > 0
     assert metrics["precision"] == resolve_precision("auto", CPU)
