@@ -162,7 +162,8 @@ def pick_device(device: str | None = None) -> torch.device:
 
 
 def device_facts(rt: Runtime) -> dict[str, str]:
-    """What ran this: logged as MLflow tags so runs on different hardware can be told apart."""
+    """What ran this: logged as MLflow tags so runs on different hardware can be told apart. On CUDA, the GPU
+    the stage actually ran on (its index, not device 0's): name, memory, compute capability, driver."""
     facts = {
         "torch_version": torch.__version__,
         "cuda_version": str(torch.version.cuda),
@@ -172,6 +173,27 @@ def device_facts(rt: Runtime) -> dict[str, str]:
         "compile": str(rt.compile),
         "cpu_threads": str(torch.get_num_threads()),
         "gpu_count": str(torch.cuda.device_count() if torch.cuda.is_available() else 0),
-        "gpu_name": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
+        "gpu_name": "none",
     }
+    if rt.device.type == "cuda":
+        index = rt.device.index if rt.device.index is not None else torch.cuda.current_device()
+        props = torch.cuda.get_device_properties(index)
+        facts.update(gpu_index=str(index), gpu_name=props.name, gpu_memory_gib=f"{props.total_memory / 2**30:.1f}",
+                     gpu_compute_capability=f"{props.major}.{props.minor}", gpu_driver=nvidia_driver_version())
     return facts
+
+
+def nvidia_driver_version() -> str:
+    """The NVIDIA driver's version through NVML (nvidia-ml-py, which MLflow's GPU monitor needs too);
+    "unknown" where NVML cannot be read (a container without the driver library, say)."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            version = pynvml.nvmlSystemGetDriverVersion()
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # ImportError, pynvml.NVMLError_*: telemetry must never stop a stage
+        return "unknown"
+    return version.decode() if isinstance(version, bytes) else str(version)

@@ -175,3 +175,42 @@ def test_resume_state_of_other_params_is_dropped_and_said(tmp_path, capsys):
     (tmp_path / "distill.pt").write_bytes(b"not a checkpoint")
     assert Resume.open("distill", tmp_path, run_key({"lr": 0.05})).current(0) is None
     assert "is unreadable" in capsys.readouterr().err
+
+
+def test_gpu_tags_name_the_device_the_stage_ran_on(monkeypatch):
+    """Faked two-GPU host, the stage on cuda:1: the tags describe GPU 1, not GPU 0."""
+    from types import SimpleNamespace
+
+    from kdpipe.runtime import Runtime, device_facts
+
+    cards = {0: SimpleNamespace(name="GPU zero", total_memory=16 * 2**30, major=7, minor=0),
+             1: SimpleNamespace(name="GPU one", total_memory=80 * 2**30, major=9, minor=0)}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: cards[index])
+    monkeypatch.setattr(runtime, "nvidia_driver_version", lambda: "999.1")
+    facts = device_facts(Runtime(torch.device("cuda:1"), "bf16"))
+    assert {k: facts[k] for k in ("gpu_index", "gpu_name", "gpu_memory_gib", "gpu_compute_capability",
+                                  "gpu_driver", "gpu_count", "precision")} == {
+        "gpu_index": "1", "gpu_name": "GPU one", "gpu_memory_gib": "80.0", "gpu_compute_capability": "9.0",
+        "gpu_driver": "999.1", "gpu_count": "2", "precision": "bf16"}
+    assert "gpu_index" not in device_facts(Runtime(torch.device("cpu")))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (runs on a lent GPU machine)")
+def test_a_stage_on_cuda_logs_gpu_tags_and_gpu_system_metrics(tiny_pipeline, tmp_path, monkeypatch):
+    params, _ = _workspace(tiny_pipeline, tmp_path, teacher__epochs=4)
+    params["tracking"]["system_metrics"] = True
+    monkeypatch.setenv("KDPIPE_DEVICE", "cuda")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    from kdpipe import config
+
+    teacher.run(config.from_dict(params))
+    client = mlflow.MlflowClient(params["tracking"]["uri"])
+    experiment = client.get_experiment_by_name(params["tracking"]["experiment"])
+    run = client.search_runs([experiment.experiment_id])[0]
+    tags = run.data.tags
+    assert tags["device"].startswith("cuda") and tags["gpu_driver"] != "unknown"
+    assert {"gpu_index", "gpu_name", "gpu_memory_gib", "gpu_compute_capability"} <= set(tags)
+    assert any(key.startswith("system/gpu_0_utilization") for key in run.data.metrics), sorted(run.data.metrics)
