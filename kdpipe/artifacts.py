@@ -171,8 +171,9 @@ def load_checkpoint(path: str | Path) -> dict:
 
 
 def build_from_checkpoint(path: str | Path, *, fallback_model: str | None = None, in_channels: int | None = None,
-                          num_classes: int | None = None, mean=None, std=None):
-    """Rebuild a model from a kdpipe checkpoint, or from a bare state dict of `fallback_model`."""
+                          num_classes: int | None = None, mean=None, std=None, finetune: bool = False):
+    """Rebuild a model from a kdpipe checkpoint, or from a bare state dict of `fallback_model` (with `finetune`,
+    tensors that do not fit this dataset are adapted or left freshly initialised: see bare_state)."""
     from kdpipe.models import build_model
 
     ckpt = load_checkpoint(path)
@@ -192,9 +193,7 @@ def build_from_checkpoint(path: str | Path, *, fallback_model: str | None = None
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from None
     if "state_dict" not in ckpt:
-        # A bare state dict is the network alone: prefix it as our body and keep the dataset's normalisation.
-        state = {(k if k.startswith("body.") else f"body.{k}"): v for k, v in state.items()}
-        state = {"mean": model.mean, "std": model.std, **state}
+        state = bare_state(model, state, finetune)
     misfit = _misfit(model, state)
     if not misfit:
         try:
@@ -204,6 +203,24 @@ def build_from_checkpoint(path: str | Path, *, fallback_model: str | None = None
     if misfit:
         raise CheckpointError(f"{path}: weights do not fit {name} ({misfit})")
     return model, ckpt
+
+
+def bare_state(model, state: dict, finetune: bool) -> dict:
+    """A bare network state dict (a torchvision model's, or one saved through DDP with "module." keys) keyed as
+    `model`, a Classifier: its body under "body." (a tv: model's network under "body.net."), the dataset's
+    normalisation kept. With `finetune`, a first conv for RGB is summed to grey (the usual transfer to one
+    channel) and a tensor that still does not fit (the old classification head) keeps its fresh initialisation."""
+    prefix = "body.net." if hasattr(model.body, "net") else "body."
+    own = model.state_dict()
+    out = {"mean": model.mean, "std": model.std}
+    for key, value in state.items():
+        key = key.removeprefix("module.")
+        key = key if key.startswith("body.") else prefix + key
+        if finetune and key in own and isinstance(value, torch.Tensor) and value.shape != own[key].shape:
+            grey = value.dim() == 4 and own[key].shape[1] == 1 and value.shape[0] == own[key].shape[0]
+            value = value.sum(1, keepdim=True) if grey else own[key]
+        out[key] = value
+    return out
 
 
 def _misfit(model, state: dict) -> str:

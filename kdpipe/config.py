@@ -96,12 +96,19 @@ class TrainConfig(_Section):
 
 class TeacherConfig(TrainConfig):
     model: str = "resnet20"
-    source: Literal["train", "checkpoint", "registry"] = "train"
+    source: Literal["train", "checkpoint", "registry", "torchvision"] = "train"
     checkpoint: str | None = None  # with source: checkpoint, a .pt file (a kdpipe checkpoint or a state dict)
     registry_uri: str | None = None  # with source: registry, e.g. models:/kdpipe-teacher@champion
+    weights: str | None = None  # with source: torchvision, a weights name of teacher.model, e.g. IMAGENET1K_V1
+    finetune: bool = False  # train a brought teacher further with this recipe (needed for a new head)
 
     @model_validator(mode="after")
     def _source_needs_location(self) -> TeacherConfig:
+        if self.source == "torchvision":
+            if not self.model.startswith("tv:"):
+                raise ValueError(f"model: must be tv:<torchvision name> when source is torchvision, got {self.model!r}")
+            if not self.weights:
+                raise ValueError("weights: required when source is torchvision (e.g. IMAGENET1K_V1 or DEFAULT)")
         if self.source == "checkpoint" and not self.checkpoint:
             raise ValueError("checkpoint: required when source is checkpoint")
         if self.source == "registry" and not (self.registry_uri or "").startswith("models:/"):

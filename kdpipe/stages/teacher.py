@@ -3,7 +3,10 @@
 `teacher.source: train` trains `teacher.model` with the teacher recipe; `teacher.source: checkpoint` loads
 `teacher.checkpoint` (a kdpipe checkpoint, or a bare state dict of `teacher.model`) and only evaluates it;
 `teacher.source: registry` fetches the kdpipe checkpoint that the export stage logged beside a registered
-teacher version (`teacher.registry_uri`, e.g. models:/kdpipe-teacher@champion) and goes on as `checkpoint`.
+teacher version (`teacher.registry_uri`, e.g. models:/kdpipe-teacher@champion) and goes on as `checkpoint`;
+`teacher.source: torchvision` builds `teacher.model` tv:<name> with torchvision's pretrained `teacher.weights`,
+read from the torch hub cache (TORCH_HOME), with a new head for the dataset's classes. `teacher.finetune: true`
+trains any brought teacher further with the teacher recipe.
 Outputs: models/teacher.pt (weights + params, weights_only-loadable), metrics/teacher.json, plots/teacher.csv.
 """
 
@@ -19,14 +22,16 @@ STAGE = "teacher"
 OUTPUTS = ("models", "metrics", "plots")  # the paths.* folders it writes, checked before any work
 
 
-def train_teacher(cfg: Config, prepared: dict, rt, splits, on_epoch=None, resume=None):
-    """Worker: build and fit the teacher (from where an interrupted run left it, with `resume`: a
-    kdpipe.resume.Resume); returns (model, FitResult)."""
+def train_teacher(cfg: Config, prepared: dict, rt, splits, on_epoch=None, resume=None, model=None):
+    """Worker: build and fit the teacher, or fine-tune `model` (a brought teacher), from where an interrupted run
+    left it with `resume` (a kdpipe.resume.Resume); returns (model, FitResult)."""
     from kdpipe.engine import fit
     from kdpipe.models import build_model
 
-    c = prepared["image_shape"][0]
-    model = build_model(cfg.teacher.model, c, len(prepared["classes"]), mean=prepared["mean"], std=prepared["std"])
+    if model is None:
+        c = prepared["image_shape"][0]
+        model = build_model(cfg.teacher.model, c, len(prepared["classes"]), mean=prepared["mean"],
+                            std=prepared["std"])
     rt.prepare(model)
     train, val, _ = splits
     if resume:
@@ -50,7 +55,7 @@ def bring_teacher(cfg: Config, prepared: dict, path: str | Path | None = None, w
            f"state dict of teacher.model ({cfg.teacher.model}), or set teacher.source: train")
     try:
         model, ckpt = build_from_checkpoint(path, fallback_model=cfg.teacher.model, in_channels=c, num_classes=n,
-                                            mean=prepared["mean"], std=prepared["std"])
+                                            mean=prepared["mean"], std=prepared["std"], finetune=cfg.teacher.finetune)
     except CheckpointError as e:
         raise CheckpointError(f"{prefix}: {e}; {fix}") from None
     if model.num_classes != n:
@@ -61,6 +66,19 @@ def bring_teacher(cfg: Config, prepared: dict, path: str | Path | None = None, w
         raise CheckpointError(f"{where} was trained on classes {ckpt['classes'][:3]}..., "
                               f"not this dataset's {prepared['classes'][:3]}...; {fix}")
     return model
+
+
+def torchvision_teacher(cfg: Config, prepared: dict):
+    """teacher.model tv:<name> with torchvision's pretrained teacher.weights, from the torch hub cache; its head
+    is new for this dataset's classes, so it must be fine-tuned (teacher.finetune) unless the classes match."""
+    from kdpipe.models import WeightsError, pretrained_torchvision, torchvision_weights
+
+    arch, n = cfg.teacher.model.removeprefix("tv:"), len(prepared["classes"])
+    trained_on = len(torchvision_weights(arch, cfg.teacher.weights).meta["categories"])
+    if trained_on != n and not cfg.teacher.finetune:
+        raise WeightsError(f"teacher.finetune: {cfg.teacher.weights} predicts {trained_on} classes, the dataset has "
+                           f"{n}: set teacher.finetune: true to train a new head (with the teacher recipe)")
+    return pretrained_torchvision(arch, cfg.teacher.weights, prepared["image_shape"][0], n)
 
 
 def registry_teacher(cfg: Config, prepared: dict):
@@ -129,17 +147,20 @@ def run(cfg: Config) -> dict:
     from kdpipe.resume import Resume, run_key
 
     ctx = stagekit.start(cfg, OUTPUTS)
-    bring = {"checkpoint": bring_teacher, "registry": registry_teacher}.get(cfg.teacher.source)
+    bring = {"checkpoint": bring_teacher, "registry": registry_teacher,
+             "torchvision": torchvision_teacher}.get(cfg.teacher.source)
     brought = ctx.rt.prepare(bring(cfg, ctx.prepared)) if bring else None
     params = {"seed": cfg.seed, "data": cfg.data.model_dump(mode="json"), "teacher": cfg.teacher.model_dump(mode="json"),
               "runtime": cfg.runtime.model_dump(mode="json")}
     tags = ctx.tags(teacher_source=cfg.teacher.source, model=cfg.teacher.model)
-    resume = Resume.open(STAGE, cfg.paths.resume, run_key(STAGE, params, ctx.digest)) if brought is None else None
+    trains = brought is None or cfg.teacher.finetune
+    key = run_key(STAGE, params, ctx.digest, state_digest(brought) if brought is not None else "")
+    resume = Resume.open(STAGE, cfg.paths.resume, key) if trains else None
     with tracking.stage_run(STAGE, cfg, tags=tags) as run:
         t0 = time.perf_counter()
-        if brought is None:
+        if trains:
             model, result = train_teacher(cfg, ctx.prepared, ctx.rt, ctx.splits, on_epoch=run.log_epoch,
-                                          resume=resume)
+                                          resume=resume, model=brought)
         else:
             model, result = brought, FitResult()
         metrics = teacher_metrics(ctx, model, result, time.perf_counter() - t0, params)
@@ -155,6 +176,17 @@ def run(cfg: Config) -> dict:
     print(f"teacher: {model.name} val_acc {metrics['val_accuracy']:.4f} test_acc {metrics['test_accuracy']:.4f} "
           f"({result.epochs_run} epochs, {metrics['train_seconds']:.0f}s)", file=sys.stderr)
     return metrics
+
+
+def state_digest(model) -> str:
+    """sha256 over a model's tensors: which brought teacher a resumable fine-tuning run started from."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for key, value in model.state_dict().items():
+        h.update(key.encode())
+        h.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def main(argv: list[str] | None = None) -> int:
