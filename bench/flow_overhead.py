@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import platform
-import signal
 import statistics
 import subprocess
 import sys
@@ -35,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import yaml  # noqa: E402
-from projectcopy import copy_project, shrink  # noqa: E402  (bench/projectcopy.py: this script's own folder)
+from projectcopy import copy_project, run_timed, shrink  # noqa: E402  (bench/projectcopy.py: this script's own folder)
 
 from flows import _dvc  # noqa: E402
 
@@ -52,18 +51,8 @@ def clone(dest: Path, params: str) -> Path:
 
 
 def timed(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float = 3600) -> float:
-    """Wall seconds of one command; it fails loudly, and a timeout takes its whole process group down."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{out[-3000:]}")
-    return time.perf_counter() - t0
+    """Wall seconds of one command (projectcopy.run_timed without its output)."""
+    return run_timed(cmd, cwd, env, timeout)[0]
 
 
 def timed_flow(**kwargs) -> float:

@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import platform
-import signal
 import statistics
 import subprocess
 import sys
@@ -37,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import yaml  # noqa: E402
-from projectcopy import copy_project  # noqa: E402  (bench/projectcopy.py: this script's own folder)
+from projectcopy import copy_project, run_timed  # noqa: E402  (bench/projectcopy.py: this script's own folder)
 
 from kdpipe.env import QUIET_ENV  # noqa: E402
 
@@ -79,25 +78,10 @@ def environment(**extra: str) -> dict[str, str]:
     return env | extra
 
 
-def timed(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float = 1800) -> tuple[float, str]:
-    """Wall seconds and output of one command; it fails loudly, and a timeout takes its process group down."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{out[-3000:]}")
-    return time.perf_counter() - t0, out
-
-
 def make_run(root: Path, env: dict[str, str]) -> dict:
     """`make run`'s two commands, each timed."""
-    check_s, _ = timed(CHECK, root, env)
-    repro_s, out = timed(REPRO, root, env)
+    check_s, _ = run_timed(CHECK, root, env)
+    repro_s, out = run_timed(REPRO, root, env)
     return {"check_params_s": check_s, "dvc_repro_s": repro_s, "wall_s": check_s + repro_s, "output": out}
 
 
@@ -162,7 +146,7 @@ def import_times(root: Path, repeats: int) -> dict:
     env = environment()
     result = {}
     for name, code in IMPORTS.items():
-        samples = [timed([sys.executable, "-c", code], root, env, timeout=300)[0] for _ in range(repeats)]
+        samples = [run_timed([sys.executable, "-c", code], root, env, timeout=300)[0] for _ in range(repeats)]
         result[name] = {"code": code, "median_s": round(statistics.median(samples), 2),
                         "runs": [round(s, 2) for s in samples]}
     return result

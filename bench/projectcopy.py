@@ -1,5 +1,5 @@
-"""A copy of the project as a fresh clone has it (for DVC, Prefect and benchmark runs in a temp dir), and the
-tiny-training version of its params.
+"""A copy of the project as a fresh clone has it (for DVC, Prefect and benchmark runs in a temp dir), the
+tiny-training version of its params, and a timed command runner for the benchmarks.
 
 Used by bench/flow_overhead.py and by the tests (tests/conftest.py puts bench/ on sys.path). It lives here, not
 in tests/, because a benchmark must not import the test suite; and not in kdpipe/, because it is a developer's
@@ -8,7 +8,11 @@ tool that the package does not ship.
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,3 +41,18 @@ def shrink(params: dict) -> dict:
         if isinstance(section, dict) and "seeds" in section:
             section["seeds"] = [0]
     return params
+
+
+def run_timed(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float = 3600) -> tuple[float, str]:
+    """Wall seconds and output of one command; it fails loudly, and a timeout takes its process group down."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{out[-3000:]}")
+    return time.perf_counter() - t0, out
