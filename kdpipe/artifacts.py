@@ -155,6 +155,7 @@ def save_checkpoint(path: str | Path, model, *, classes: list[str], params: dict
         "num_classes": model.num_classes,
         "mean": [float(v) for v in model.mean.flatten()],
         "std": [float(v) for v in model.std.flatten()],
+        "input_size": model.input_size,
         "classes": list(classes),
         "params": params,
         **(extra or {}),
@@ -184,12 +185,13 @@ def build_from_checkpoint(path: str | Path, *, fallback_model: str | None = None
         name, state = ckpt["model"], ckpt["state_dict"]
         in_channels, num_classes = ckpt["in_channels"], ckpt["num_classes"]
         mean, std = ckpt["mean"], ckpt["std"]
+        input_size = ckpt.get("input_size")  # absent from checkpoints older than teacher.input_size
     elif fallback_model and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
-        name, state = fallback_model, ckpt
+        name, state, input_size = fallback_model, ckpt, None
     else:
         raise CheckpointError(f"{path}: neither a kdpipe checkpoint nor a state dict")
     try:
-        model = build_model(name, in_channels, num_classes, mean=mean, std=std)
+        model = build_model(name, in_channels, num_classes, mean=mean, std=std, input_size=input_size)
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from None
     if "state_dict" not in ckpt:

@@ -101,6 +101,7 @@ class TeacherConfig(TrainConfig):
     registry_uri: str | None = None  # with source: registry, e.g. models:/kdpipe-teacher@champion
     weights: str | None = None  # with source: torchvision, a weights name of teacher.model, e.g. IMAGENET1K_V1
     finetune: bool = False  # train a brought teacher further with this recipe (needed for a new head)
+    input_size: int | None = Field(default=None, ge=8, le=1024)  # the teacher's input, resized on the device
 
     @model_validator(mode="after")
     def _source_needs_location(self) -> TeacherConfig:

@@ -146,7 +146,8 @@ def cached_weights_file(weights) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(weights.url).path).name
 
 
-def pretrained_torchvision(arch: str, weights_name: str, in_channels: int, num_classes: int) -> Classifier:
+def pretrained_torchvision(arch: str, weights_name: str, in_channels: int, num_classes: int,
+                           input_size: int | None = None) -> Classifier:
     """A torchvision classifier with its pretrained weights, read from the torch hub cache (kdpipe never downloads
     in a stage: a pipeline step should not depend on the network), adapted to the dataset: its first conv
     summed over the input channels for grey images (Yosinski et al. 2014's transfer, the usual RGB → grey
@@ -172,7 +173,8 @@ def pretrained_torchvision(arch: str, weights_name: str, in_channels: int, num_c
     mean, std = list(transform.mean), list(transform.std)
     if in_channels != len(mean):
         mean, std = [sum(mean) / len(mean)] * in_channels, [sum(std) / len(std)] * in_channels
-    return Classifier(f"{TV_PREFIX}{arch}", TorchvisionBody(net, in_channels), in_channels, num_classes, mean, std)
+    return Classifier(f"{TV_PREFIX}{arch}", TorchvisionBody(net, in_channels), in_channels, num_classes, mean, std,
+                      input_size)
 
 
 def _adapt_first_conv(net: nn.Module, in_channels: int) -> None:
@@ -235,9 +237,12 @@ class Classifier(nn.Module):
     """
 
     def __init__(self, name: str, body: nn.Module, in_channels: int, num_classes: int,
-                 mean: list[float] | None = None, std: list[float] | None = None):
+                 mean: list[float] | None = None, std: list[float] | None = None, input_size: int | None = None):
         super().__init__()
         self.name, self.in_channels, self.num_classes = name, in_channels, num_classes
+        # Resized to input_size × input_size on the device first (bilinear): a pretrained teacher at the size its
+        # weights were trained for, while the data (and the student) keep theirs. None: as given.
+        self.input_size = input_size
         self.body = body
         self.feature_channels: list[int] = list(body.feature_channels)
         self.register_buffer("mean", channel_buffer(mean, in_channels, 0.0, "mean"))
@@ -246,6 +251,9 @@ class Classifier(nn.Module):
             raise ValueError(f"std must be positive, got {std}")
 
     def normalise(self, x: Tensor) -> Tensor:
+        if self.input_size is not None:  # unconditional: the same size is an identity, and ONNX traces no branch
+            x = torch.nn.functional.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear",
+                                                align_corners=False)
         return (x - self.mean) / self.std
 
     def forward(self, x: Tensor) -> Tensor:
@@ -264,7 +272,8 @@ def channel_buffer(values: list[float] | None, channels: int, default: float, wh
 
 
 def build_model(name: str, in_channels: int, num_classes: int,
-                mean: list[float] | None = None, std: list[float] | None = None) -> Classifier:
+                mean: list[float] | None = None, std: list[float] | None = None,
+                input_size: int | None = None) -> Classifier:
     """Build zoo model `name` (or "tv:<torchvision name>") as a Classifier; weights depend only on the seed."""
     if not is_known_model(name):
         known = ", ".join(MODEL_NAMES)
@@ -273,7 +282,7 @@ def build_model(name: str, in_channels: int, num_classes: int,
         body = build_torchvision(name.removeprefix(TV_PREFIX), in_channels, num_classes)
     else:
         body = ZOO[name](in_channels, num_classes)
-    return Classifier(name, body, in_channels, num_classes, mean, std)
+    return Classifier(name, body, in_channels, num_classes, mean, std, input_size)
 
 
 def count_parameters(model: nn.Module) -> int:

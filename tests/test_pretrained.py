@@ -91,3 +91,22 @@ def test_a_bare_torchvision_state_dict_loads_into_the_tv_model(tmp_path):
     assert torch.equal(model.body.net.layer4[0].conv1.weight, imagenet["layer4.0.conv1.weight"])
     assert torch.equal(model.body.net.conv1.weight, imagenet["conv1.weight"].sum(1, keepdim=True))
     assert model.body.net.fc.weight.shape == (10, 512)
+
+
+def test_a_teacher_sees_its_input_size_and_keeps_it_in_its_checkpoint(tiny_pipeline, tmp_path, monkeypatch):
+    """teacher.input_size: the teacher resizes 8×8 digits to 16×16 on the device; its checkpoint remembers it."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    params = _workspace(tiny_pipeline, tmp_path, teacher__input_size=16, teacher__epochs=1, teacher__warmup_epochs=0)
+    teacher.run(config.from_dict(params))
+    model, ckpt = build_from_checkpoint(tmp_path / "models/teacher.pt")
+    assert ckpt["input_size"] == model.input_size == 16
+    _, feats = model.eval().forward_features(torch.rand(2, 1, 8, 8))
+    assert feats[0].shape[-1] == 16  # small_cnn's first stage keeps the resolution it was given: 16, not 8
+    plain = build_from_checkpoint(tiny_pipeline.work / "models/teacher.pt")[0]
+    assert plain.input_size is None and plain.forward_features(torch.rand(2, 1, 8, 8))[1][0].shape[-1] == 8
+    from kdpipe.export import export_onnx, parity
+
+    path = export_onnx(model, tmp_path / "teacher.onnx", (1, 8, 8), metadata={})
+    images = torch.randint(0, 256, (16, 1, 8, 8), dtype=torch.uint8)
+    assert parity(model, path, images)["parity_max_abs_diff"] < 1e-4  # the resize is inside the ONNX file

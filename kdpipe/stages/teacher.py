@@ -31,7 +31,7 @@ def train_teacher(cfg: Config, prepared: dict, rt, splits, on_epoch=None, resume
     if model is None:
         c = prepared["image_shape"][0]
         model = build_model(cfg.teacher.model, c, len(prepared["classes"]), mean=prepared["mean"],
-                            std=prepared["std"])
+                            std=prepared["std"], input_size=cfg.teacher.input_size)
     rt.prepare(model)
     train, val, _ = splits
     if resume:
@@ -62,6 +62,8 @@ def bring_teacher(cfg: Config, prepared: dict, path: str | Path | None = None, w
         raise CheckpointError(f"{where} has {model.num_classes} classes, the dataset has {n}; {fix}")
     if model.in_channels != c:
         raise CheckpointError(f"{where} takes {model.in_channels} channels, the dataset has {c}; {fix}")
+    if cfg.teacher.input_size is not None:  # the param wins over what the checkpoint was trained at
+        model.input_size = cfg.teacher.input_size
     if "classes" in ckpt and list(ckpt["classes"]) != list(prepared["classes"]):
         raise CheckpointError(f"{where} was trained on classes {ckpt['classes'][:3]}..., "
                               f"not this dataset's {prepared['classes'][:3]}...; {fix}")
@@ -78,7 +80,7 @@ def torchvision_teacher(cfg: Config, prepared: dict):
     if trained_on != n and not cfg.teacher.finetune:
         raise WeightsError(f"teacher.finetune: {cfg.teacher.weights} predicts {trained_on} classes, the dataset has "
                            f"{n}: set teacher.finetune: true to train a new head (with the teacher recipe)")
-    return pretrained_torchvision(arch, cfg.teacher.weights, prepared["image_shape"][0], n)
+    return pretrained_torchvision(arch, cfg.teacher.weights, prepared["image_shape"][0], n, cfg.teacher.input_size)
 
 
 def registry_teacher(cfg: Config, prepared: dict):
