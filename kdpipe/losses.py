@@ -28,9 +28,15 @@ LOSSES: dict[str, str] = {
     "hint": "FitNets hint: MSE between adapted student and teacher features (Romero et al. 2015)",
     "at": "attention transfer: distance of normalised spatial attention maps (Zagoruyko & Komodakis 2017)",
     "dkd": "decoupled KD: alpha·TCKD + beta·NCKD (Zhao et al. 2022)",
+    "dist": "DIST: inter- and intra-class Pearson relations of softened outputs (Huang et al. 2022)",
+    "rkd": "relational KD: pairwise distances (×25) and triplet angles (×50) of embeddings (Park et al. 2019)",
+    "pkt": "probabilistic knowledge transfer: KL of cosine-kernel affinities of embeddings (Passalis & Tefas 2018)",
+    "sp": "similarity-preserving: batch Gram matrices of the last feature maps (Tung & Mori 2019)",
 }
 
-FEATURE_TERMS = ("hint", "at")  # terms that need intermediate features, which no cache of teacher outputs holds
+# Terms that need intermediate features, which no cache of teacher outputs holds. rkd and pkt use the last
+# stage's map average-pooled to an embedding (RepDistiller's choice), sp the map itself.
+FEATURE_TERMS = ("hint", "at", "rkd", "pkt", "sp")
 
 
 def needs_features(weights: dict[str, float]) -> bool:
@@ -55,6 +61,12 @@ PRESETS: dict[str, dict[str, float]] = {
     "at": {"ce": 1.0, "at": 500.0},
     # Zhao et al. 2022 CIFAR-100 setting: CE weight 1, α = 1, β = 8 (passed as dkd_alpha / dkd_beta), T = 4.
     "dkd": {"ce": 1.0, "dkd": 1.0},
+    # Huang et al. 2022's CIFAR setting: CE + β·inter + γ·intra with β = γ = 2 (the term holds β = γ = 1).
+    "dist": {"ce": 1.0, "dist": 2.0},
+    # RepDistiller's CIFAR-100 weights (Tian et al. 2020, `-b`): CE 1 plus the relational term.
+    "rkd": {"ce": 1.0, "rkd": 1.0},
+    "pkt": {"ce": 1.0, "pkt": 30000.0},
+    "sp": {"ce": 1.0, "sp": 3000.0},
 }
 
 
@@ -223,6 +235,97 @@ def dkd(
     return {name: _reduce(value, reduction) for name, value in parts.items()}
 
 
+def _pearson_rows(a: Tensor, b: Tensor, eps: float = 1e-8) -> Tensor:
+    """Per-row Pearson correlation of two (N, C) tensors: cosine similarity of the row-centred rows, (N,)."""
+    a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
+    return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1) + eps)
+
+
+def dist_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """DIST (Huang et al. 2022, "Knowledge Distillation from A Stronger Teacher"), with β = γ = 1:
+
+        p = softmax(z / τ);  inter = 1 − mean_i ρ(p_s[i, :], p_t[i, :]);  intra = 1 − mean_c ρ(p_s[:, c], p_t[:, c])
+        DIST = τ² · (inter + intra),   ρ = Pearson correlation
+
+    Matching relations instead of exact probabilities lets a student follow a much stronger teacher. Zero
+    when the student's outputs equal the teacher's (up to a per-row affine map, for inter)."""
+    p_s = F.softmax(_fp32(student_logits) / temperature, dim=1)
+    p_t = F.softmax(_fp32(teacher_logits) / temperature, dim=1)
+    inter = 1 - _pearson_rows(p_s, p_t).mean()
+    intra = 1 - _pearson_rows(p_s.t(), p_t.t()).mean()
+    return temperature**2 * (inter + intra)
+
+
+def embedding(feature: Tensor) -> Tensor:
+    """A feature map (N, C, H, W) average-pooled to (N, C); a (N, D) input is returned as it is."""
+    return _fp32(feature).mean(dim=(2, 3)) if feature.dim() == 4 else _fp32(feature)
+
+
+def _pairwise_distances(e: Tensor, eps: float = 1e-12) -> Tensor:
+    """(N, N) Euclidean distances between rows, exactly 0 on the diagonal."""
+    square = e.pow(2).sum(1)
+    d = (square[:, None] + square[None, :] - 2 * e @ e.t()).clamp(min=eps).sqrt()
+    return d * (1 - torch.eye(len(e), device=e.device, dtype=e.dtype))
+
+
+def rkd_loss(student_feature: Tensor, teacher_feature: Tensor, distance_weight: float = 25.0,
+             angle_weight: float = 50.0) -> Tensor:
+    """Relational KD (Park et al. 2019, "Relational Knowledge Distillation"), on embeddings e = pool(feature):
+
+        ψ_D(i, j) = ‖e_i − e_j‖ / μ,  μ = mean of the non-zero distances in the batch
+        ψ_A(i, j, k) = ⟨(e_i − e_j)/‖·‖, (e_k − e_j)/‖·‖⟩
+        RKD = 25 · Huber(ψ_D^s, ψ_D^t) + 50 · Huber(ψ_A^s, ψ_A^t)   (Huber = smooth L1, δ = 1; the paper's weights)
+
+    Only relations inside the batch are matched, so student and teacher widths may differ. Zero when the
+    student's embeddings are the teacher's up to scale."""
+    s, t = embedding(student_feature), embedding(teacher_feature).detach()
+    d_t = _pairwise_distances(t)
+    d_t = d_t / d_t[d_t > 0].mean()
+    d_s = _pairwise_distances(s)
+    d_s = d_s / d_s[d_s > 0].mean()
+    distance = F.smooth_l1_loss(d_s, d_t)
+
+    def angles(e: Tensor) -> Tensor:
+        diff = F.normalize(e[None, :, :] - e[:, None, :], p=2, dim=2)  # (N, N, D): e_j − e_i, unit length
+        return torch.bmm(diff, diff.transpose(1, 2)).reshape(-1)  # cosines of every angle at every anchor
+
+    angle = F.smooth_l1_loss(angles(s), angles(t))
+    return distance_weight * distance + angle_weight * angle
+
+
+def pkt_loss(student_feature: Tensor, teacher_feature: Tensor, eps: float = 1e-7) -> Tensor:
+    """Probabilistic knowledge transfer (Passalis & Tefas 2018, "Learning Deep Representations with Probabilistic
+    Knowledge Transfer"), with the cosine kernel of their code:
+
+        K_ij = (cos(e_i, e_j) + 1) / 2;  P_ij = K_ij / Σ_j K_ij  (each of student, teacher)
+        PKT = mean_ij P^t_ij · log((P^t_ij + ε) / (P^s_ij + ε))
+
+    The conditional distributions of neighbours in embedding space are matched; widths may differ. Zero when
+    the student's embeddings are the teacher's up to scale."""
+    def affinities(e: Tensor) -> Tensor:
+        e = e / (e.norm(dim=1, keepdim=True) + eps)
+        k = (e @ e.t() + 1.0) / 2.0
+        return k / k.sum(dim=1, keepdim=True)
+
+    p_s, p_t = affinities(embedding(student_feature)), affinities(embedding(teacher_feature).detach())
+    return (p_t * torch.log((p_t + eps) / (p_s + eps))).mean()
+
+
+def sp_loss(student_feature: Tensor, teacher_feature: Tensor) -> Tensor:
+    """Similarity-preserving KD (Tung & Mori 2019, "Similarity-Preserving Knowledge Distillation"):
+
+        G = normalize_rows(F Fᵀ),  F the (B, C·H·W) flattened feature maps of the batch
+        SP = ‖G_t − G_s‖²_F / B²
+
+    Samples that activate the teacher alike must activate the student alike; maps may differ in shape.
+    Zero when the student's maps are the teacher's (up to a positive scale)."""
+    b = student_feature.shape[0]
+    g_s = F.normalize(_fp32(student_feature).reshape(b, -1) @ _fp32(student_feature).reshape(b, -1).t(), dim=1)
+    t = _fp32(teacher_feature).detach().reshape(b, -1)
+    g_t = F.normalize(t @ t.t(), dim=1)
+    return (g_t - g_s).pow(2).sum() / (b * b)
+
+
 def validate_weights(weights: dict[str, float], temperature: float) -> None:
     """Raise ValueError, naming the key, for unknown terms, negative or non-finite weights,
     a non-positive temperature, or weights that are all zero."""
@@ -265,11 +368,13 @@ def composite_loss(
     """The one explicit weighted sum of the terms above:
 
         L = w_ce·CE + w_kd·T²·KL(p_t^T ‖ p_s^T) + w_mse·MSE + w_hint·Hint + w_at·AT + w_dkd·DKD
+            + w_dist·DIST + w_rkd·RKD + w_pkt·PKT + w_sp·SP
 
     Missing or zero weights are not computed. The seed article's "L = MSE + α·KL" is weights
     {"mse": 1, "kd": α}; Hinton's KD is {"ce": 1 − α, "kd": α}. CE becomes focal loss when `focal_gamma`
     is given (still logged as "ce"). Hint uses feature pair `hint_index` (an int indexes both lists, a pair
-    (i_student, i_teacher) each); AT uses all pairs zipped from the deepest stage.
+    (i_student, i_teacher) each); AT uses all pairs zipped from the deepest stage; DIST the logits; RKD, PKT
+    and SP the deepest stage of each network.
 
     Returns {"loss": L, <term>: unweighted value for each active term}, all fp32 scalars.
     """
@@ -302,5 +407,11 @@ def composite_loss(
     if "dkd" in active:
         teacher = _require(teacher_logits, "teacher_logits", "dkd")
         parts["dkd"] = dkd(student_logits, teacher, labels, dkd_alpha, dkd_beta, temperature)["loss"]
+    if "dist" in active:
+        parts["dist"] = dist_loss(student_logits, _require(teacher_logits, "teacher_logits", "dist"), temperature)
+    for name, fn in (("rkd", rkd_loss), ("pkt", pkt_loss), ("sp", sp_loss)):
+        if name in active:  # the deepest stage's maps of both networks
+            parts[name] = fn(_require(student_feats, "student_feats", name)[-1],
+                             _require(teacher_feats, "teacher_feats", name)[-1])
     total = torch.stack([weights[name] * value for name, value in parts.items()]).sum()
     return {"loss": total, **parts}

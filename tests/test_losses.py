@@ -347,7 +347,7 @@ def test_composite_names_missing_inputs(batch):
         ({"ce": 1.0}, -2.0, "^temperature: must be > 0"),
         ({"ce": 0.0, "kd": 0.0}, 4.0, "^all loss weights are zero$"),
         ({}, 4.0, "^all loss weights are zero$"),
-        ({"ce": 1.0, "foo": 1.0}, 4.0, "^unknown loss term 'foo'; known: ce, kd, mse, hint, at, dkd$"),
+        ({"ce": 1.0, "foo": 1.0}, 4.0, "^unknown loss term 'foo'; known: ce, kd, mse, hint, at, dkd, dist, rkd, pkt, sp$"),
     ],
 )
 def test_validate_weights_names_the_key(weights, temperature, message):
@@ -356,7 +356,7 @@ def test_validate_weights_names_the_key(weights, temperature, message):
 
 
 def test_presets_and_descriptions_are_valid():
-    assert set(L.LOSSES) == {"ce", "kd", "mse", "hint", "at", "dkd"}
+    assert set(L.LOSSES) == {"ce", "kd", "mse", "hint", "at", "dkd", "dist", "rkd", "pkt", "sp"}
     for weights in L.PRESETS.values():
         L.validate_weights(weights, 4.0)
     assert L.PRESETS["kd"] == {"ce": 0.1, "kd": 0.9}
@@ -381,6 +381,10 @@ def test_every_loss_returns_fp32_for_bf16_inputs():
         L.hint_loss(s_feats[1], t_feats[1], kwargs["hint_adapter"]),
         L.attention_transfer(s_feats, t_feats),
         *L.dkd(zs, zt, y, 1.0, 8.0, 4.0).values(),
+        L.dist_loss(zs, zt, 4.0),
+        L.rkd_loss(s_feats[-1], t_feats[-1]),
+        L.pkt_loss(s_feats[-1], t_feats[-1]),
+        L.sp_loss(s_feats[-1], t_feats[-1]),
         *L.composite_loss(
             zs,
             y,
