@@ -9,7 +9,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: venv run test test-fast ui lint bench-quality bench-curriculum bench-views bench-speed
+.PHONY: venv run test test-fast ui lint bench-quality bench-curriculum bench-views bench-methods bench-speed
 
 venv:
 	@want=$$(sha256sum pyproject.toml | cut -d' ' -f1); \
@@ -61,6 +61,9 @@ bench-curriculum: venv
 
 bench-views: venv
 	python bench/quality.py --views
+
+bench-methods: venv
+	python bench/quality.py --methods
 
 # Speed against torchdistill (bench/speed.py), what `make run` costs beyond the stages' own work
 # (bench/overhead.py) and the distill stage's peak memory on Fashion-MNIST's 60k images (bench/memory.py), one

@@ -4,7 +4,8 @@ Runs the real stage workers (prepare → teacher → scratch → distill → eva
 bench/quality.yaml, in bench/work/quality/, and writes bench/results/quality.json. With --curriculum it then
 reruns distill with the curriculum on (easy→hard, random, hard→easy) over the same teacher and seeds and
 writes bench/results/curriculum.json; with --views it distills augmented students from a live teacher and from
-the teacher's cached views (K = 1, 4, 8) and writes bench/results/views.json. `--precision fp32` runs the
+the teacher's cached views (K = 1, 4, 8) and writes bench/results/views.json; with --methods it distills
+with every method's preset and writes bench/results/methods.json. `--precision fp32` runs the
 benchmark in fp32 (bench/results/quality_fp32.json). Run from the repo root: `make bench-quality` / `make bench-curriculum`.
 """
 
@@ -136,10 +137,45 @@ def views_ablation() -> dict:
     return result
 
 
+METHODS = ("kd", "dkd", "dist", "fitnet", "at", "rkd", "pkt", "sp")
+
+
+def methods_table() -> dict:
+    """Distill again with each method's preset, over quality()'s teacher, data, seeds and student recipe; scratch
+    and the teacher from quality(). Validation accuracy alone would choose among them."""
+    import shutil
+
+    from kdpipe.stages import distill
+
+    if not (WORK / "models" / "teacher_outputs.pt").is_file():
+        sys.exit("bench: run the quality benchmark first (it trains the teacher this table reuses)")
+    read = lambda stage: json.loads((WORK / "metrics" / f"{stage}.json").read_text())  # noqa: E731
+    teacher, scratch = read("teacher"), stats(read("scratch"))
+    result = {"dataset": "fashion_mnist", "teacher": {"test": teacher["test_accuracy"], "val": teacher["val_accuracy"]},
+              "scratch": scratch, "methods": {}}
+    for method in METHODS:
+        out = WORK / f"method_{method}"
+        (out / "models").mkdir(parents=True, exist_ok=True)
+        for name in ("teacher.pt", "teacher_outputs.pt"):
+            shutil.copy2(WORK / "models" / name, out / "models" / name)
+        cfg = bench_config({"distill": {"method": method},
+                            "paths": {"models": str(out / "models"), "metrics": str(out / "metrics"),
+                                      "plots": str(out / "plots")}})
+        _, seconds = timed(f"distill, {method}", distill.run, cfg)
+        distilled = stats(json.loads((out / "metrics" / "distill.json").read_text()))
+        gap = teacher["test_accuracy"] - scratch["mean"]
+        result["methods"][method] = {**distilled, "seconds": round(seconds, 1),
+                                     "gain_points": 100 * (distilled["mean"] - scratch["mean"]),
+                                     "gap_recovered": (distilled["mean"] - scratch["mean"]) / gap if gap else None}
+    result["machine"] = machine()
+    return result
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--curriculum", action="store_true", help="run the curriculum ablation (after quality)")
     parser.add_argument("--views", action="store_true", help="run the cached-views ablation (after quality)")
+    parser.add_argument("--methods", action="store_true", help="distill with every method (after quality)")
     parser.add_argument("--precision", default=None, help="override runtime.precision (fp32 writes quality_fp32.json)")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -147,6 +183,8 @@ def main() -> int:
         out, name = curriculum_ablation(), "curriculum.json"
     elif args.views:
         out, name = views_ablation(), "views.json"
+    elif args.methods:
+        out, name = methods_table(), "methods.json"
     else:
         overrides = {"runtime": {"precision": args.precision}} if args.precision else None
         out = quality(overrides)

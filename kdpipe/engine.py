@@ -263,10 +263,11 @@ class _Trainer:
         if len(bad):
             i = int(bad[0])
             parts = ", ".join(f"{k} {v[i].item():.4g}" for k, v in steps.items() if k != "loss")
+            parts = f" ({parts})" if parts else ""
             raise DivergedError(
                 f"{self.desc}: diverged at seed {self.seed}, epoch {epoch + 1}, step {i + 1}/{len(loss)}: loss "
-                f"{loss[i].item():.4g}{f' ({parts})' if parts else ''}, over {DIVERGENCE_FACTOR:g}x its start {self.start_loss:.4g} or "
-                f"not finite; lower the lr ({self.cfg.lr:g}) or raise warmup_epochs ({self.cfg.warmup_epochs:g})")
+                f"{loss[i].item():.4g}{parts}, over {DIVERGENCE_FACTOR:g}x its start {self.start_loss:.4g} or not "
+                f"finite; lower the lr ({self.cfg.lr:g}) or raise warmup_epochs ({self.cfg.warmup_epochs:g})")
 
     def step(self, train: Split, idx: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """One optimizer step on the batch at train positions `idx`, augmented on the device."""
