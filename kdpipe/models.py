@@ -149,10 +149,10 @@ def cached_weights_file(weights) -> Path:
 def pretrained_torchvision(arch: str, weights_name: str, in_channels: int, num_classes: int,
                            input_size: int | None = None) -> Classifier:
     """A torchvision classifier with its pretrained weights, read from the torch hub cache (kdpipe never downloads
-    in a stage: a pipeline step should not depend on the network), adapted to the dataset: its first conv
-    summed over the input channels for grey images (Yosinski et al. 2014's transfer, the usual RGB → grey
-    trick), its last Linear replaced for `num_classes` (to be fine-tuned), and the weights' own normalisation."""
-    import torchvision
+    in a stage: a pipeline step should not depend on the network), adapted to the dataset as a fine-tuned bare
+    state dict is (artifacts.bare_state): the first conv summed over the input channels for grey images (the
+    usual RGB → grey transfer), a fresh head for `num_classes`, and the weights' own normalisation."""
+    from kdpipe.artifacts import bare_state
 
     weights = torchvision_weights(arch, weights_name)
     path = cached_weights_file(weights)
@@ -161,41 +161,16 @@ def pretrained_torchvision(arch: str, weights_name: str, in_channels: int, num_c
             f"teacher.weights: {weights} is not in the torch hub cache ({path}); fetch it once where there is "
             f"network: python -c \"import torchvision; torchvision.models.get_weight('{weights}')"
             f".get_state_dict(progress=True)\" (TORCH_HOME moves the cache), or copy the file there")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        net = torchvision.models.get_model(arch, weights=None, num_classes=len(weights.meta["categories"]))
-        net.load_state_dict(state)
-    except Exception as e:  # truncated file, another architecture's weights
-        raise WeightsError(f"teacher.weights: {path} does not load into {arch}: {str(e).splitlines()[0]}") from None
-    _adapt_first_conv(net, in_channels)
-    _replace_head(net, num_classes)
     transform = weights.transforms()
     mean, std = list(transform.mean), list(transform.std)
     if in_channels != len(mean):
         mean, std = [sum(mean) / len(mean)] * in_channels, [sum(std) / len(std)] * in_channels
-    return Classifier(f"{TV_PREFIX}{arch}", TorchvisionBody(net, in_channels), in_channels, num_classes, mean, std,
-                      input_size)
-
-
-def _adapt_first_conv(net: nn.Module, in_channels: int) -> None:
-    """Pretrained RGB filters for `in_channels`: summed to one grey channel, else a fresh conv."""
-    name, conv = next((n, m) for n, m in net.named_modules() if isinstance(m, nn.Conv2d))
-    if conv.in_channels == in_channels:
-        return
-    weight = conv.weight.detach().sum(1, keepdim=True) if in_channels == 1 else None
-    replace_first_conv(net, in_channels)
-    if weight is not None:
-        with torch.no_grad():
-            net.get_submodule(name).weight.copy_(weight)
-
-
-def _replace_head(net: nn.Module, num_classes: int) -> None:
-    """The last Linear (fc, classifier[-1], heads.head, ...) with `num_classes` outputs, freshly initialised."""
-    name, head = [(n, m) for n, m in net.named_modules() if isinstance(m, nn.Linear)][-1]
-    if head.out_features == num_classes:
-        return
-    parent_name, _, attr = name.rpartition(".")
-    setattr(net.get_submodule(parent_name), attr, nn.Linear(head.in_features, num_classes, bias=head.bias is not None))
+    model = build_model(f"{TV_PREFIX}{arch}", in_channels, num_classes, mean, std, input_size)
+    try:
+        model.load_state_dict(bare_state(model, torch.load(path, map_location="cpu", weights_only=True), True))
+    except Exception as e:  # truncated file, another architecture's weights
+        raise WeightsError(f"teacher.weights: {path} does not load into {arch}: {str(e).splitlines()[0]}") from None
+    return model
 
 
 # ---------------------------------------------------------------------------------------------------------
