@@ -248,14 +248,14 @@ class Config(_Section):
     @model_validator(mode="after")
     def _views_need_augmentation(self) -> Config:
         if self.distill.teacher_views:
-            from kdpipe.losses import needs_features
+            from kdpipe.losses import FEATURE_TERMS, needs_features
 
             if self.student.crop_padding == 0 and not self.student.flip:
                 raise ValueError("distill.teacher_views: the student sees un-augmented images (student.crop_padding "
                                  "0, flip false), which the teacher's cached logits already cover; set it to 0")
             if needs_features(self.distill.resolved_weights()):
-                raise ValueError("distill.teacher_views: the method needs teacher features (hint/at), which cached "
-                                 "views do not hold; set it to 0")
+                raise ValueError(f"distill.teacher_views: the method needs teacher features ({', '.join(FEATURE_TERMS)}), "
+                                 "which cached views do not hold; set it to 0")
         return self
 
     def flat(self) -> dict[str, Any]:

@@ -153,7 +153,7 @@ class Distiller:
         recipe = self.cfg.student
         views = label_views(self.teacher, train_x, self.cfg.distill.teacher_views, recipe.crop_padding, recipe.flip,
                             self.cfg.seed, self.rt)
-        object.__setattr__(self, "views", views.to(self.rt.device))
+        self.views = views.to(self.rt.device)
         return time.perf_counter() - t0
 
     @property

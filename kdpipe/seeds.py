@@ -55,6 +55,7 @@ def train_seeds(recipe: StudentConfig, prepared: dict, rt, splits: tuple[Split, 
     from kdpipe.runtime import seed_everything
 
     train, val, test = splits
+    exact = rt.exact()  # reported scores: the fp32 weights that are saved, as evaluate and export see them
     runs = []
     for seed in recipe.seeds:
         seed_everything(seed)  # same seed → same init for scratch and distill
@@ -65,7 +66,6 @@ def train_seeds(recipe: StudentConfig, prepared: dict, rt, splits: tuple[Split, 
             result, seconds = FitResult(**done["result"]), done["seconds"]
         else:
             result, seconds = _train_one(model, seed, recipe, rt, train, val, desc, objective_for, on_epoch, resume)
-        exact = rt.exact()  # reported scores: the fp32 weights that are saved, as evaluate and export see them
         runs.append(SeedRun(seed, model, result, score(model, val, exact), score(model, test, exact), seconds))
     return runs
 

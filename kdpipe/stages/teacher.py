@@ -28,11 +28,10 @@ def train_teacher(cfg: Config, prepared: dict, rt, splits, on_epoch=None, resume
     from kdpipe.engine import fit
     from kdpipe.models import build_model
 
-    if model is None:
+    if model is None:  # a brought teacher is prepared already (run() scores it whether or not it trains)
         c = prepared["image_shape"][0]
-        model = build_model(cfg.teacher.model, c, len(prepared["classes"]), mean=prepared["mean"],
-                            std=prepared["std"], input_size=cfg.teacher.input_size)
-    rt.prepare(model)
+        model = rt.prepare(build_model(cfg.teacher.model, c, len(prepared["classes"]), mean=prepared["mean"],
+                                       std=prepared["std"], input_size=cfg.teacher.input_size))
     train, val, _ = splits
     if resume:
         resume.announce(cfg.seed)
@@ -156,8 +155,10 @@ def run(cfg: Config) -> dict:
               "runtime": cfg.runtime.model_dump(mode="json")}
     tags = ctx.tags(teacher_source=cfg.teacher.source, model=cfg.teacher.model)
     trains = brought is None or cfg.teacher.finetune
-    key = run_key(STAGE, params, ctx.digest, state_digest(brought) if brought is not None else "")
-    resume = Resume.open(STAGE, cfg.paths.resume, key) if trains else None
+    resume = None
+    if trains:  # the brought weights are hashed only when a run from them could be resumed
+        key = run_key(STAGE, params, ctx.digest, state_digest(brought) if brought is not None else "")
+        resume = Resume.open(STAGE, cfg.paths.resume, key)
     with tracking.stage_run(STAGE, cfg, tags=tags) as run:
         t0 = time.perf_counter()
         if trains:
