@@ -8,6 +8,7 @@ import importlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -102,6 +103,17 @@ class TinyPipeline:
     def params_with(self, **overrides) -> dict:
         """A deep copy of the pipeline's params with `section__key=value` overrides."""
         return with_overrides(copy.deepcopy(self.params), **overrides)
+
+    def workspace(self, root: Path, **overrides) -> dict:
+        """params_with(overrides) on the pipeline's prepared data, with the outputs, resume state and MLflow store
+        under `root`, where the pipeline's teacher is copied: stages run there leave the shared outputs alone."""
+        params = self.params_with(**overrides)
+        for key in ("models", "metrics", "plots", "reports", "resume"):
+            params["paths"][key] = str(root / key)
+        params["tracking"]["uri"] = f"sqlite:///{root / 'mlflow.db'}"
+        (root / "models").mkdir(parents=True, exist_ok=True)
+        shutil.copy2(self.work / "models/teacher.pt", root / "models/teacher.pt")
+        return params
 
 
 def tiny_pipeline_params(work: Path) -> dict:

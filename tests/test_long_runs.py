@@ -50,14 +50,9 @@ def test_a_non_finite_or_exploding_loss_stops_fit_naming_the_step(value, epoch, 
 
 def test_a_diverging_teacher_fails_in_one_line_and_keeps_the_previous_teacher(tiny_pipeline, tmp_path, monkeypatch,
                                                                               capsys):
-    params = tiny_pipeline.params_with(teacher__lr=10.0, teacher__model="resnet20", teacher__epochs=3)  # as measured
-    for key in ("models", "metrics", "plots"):
-        params["paths"][key] = str(tmp_path / key)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    params["tracking"]["uri"] = uri
-    (tmp_path / "models").mkdir()
-    before = (tiny_pipeline.work / "models/teacher.pt").read_bytes()
-    (tmp_path / "models/teacher.pt").write_bytes(before)
+    params = tiny_pipeline.workspace(tmp_path, teacher__lr=10.0, teacher__model="resnet20", teacher__epochs=3)
+    uri = params["tracking"]["uri"]
+    before = (tmp_path / "models/teacher.pt").read_bytes()  # the pipeline's teacher, copied there
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # tracking.uri above, not what a test left behind
     assert teacher.main(["--params", str(write_params(tmp_path / "params.yaml", params))]) == 2
@@ -82,13 +77,8 @@ def _without_timing(obj):
 
 
 def _workspace(tiny_pipeline, root, **overrides):
-    """A workspace on the tiny pipeline's prepared data and teacher, with its own outputs, resume folder, store."""
-    params = tiny_pipeline.params_with(**overrides)
-    for key in ("models", "metrics", "plots", "resume"):
-        params["paths"][key] = str(root / key)
-    params["tracking"]["uri"] = f"sqlite:///{root / 'mlflow.db'}"
-    (root / "models").mkdir(parents=True)
-    (root / "models/teacher.pt").write_bytes((tiny_pipeline.work / "models/teacher.pt").read_bytes())
+    """tiny_pipeline.workspace(root), and its params written to root/params.yaml."""
+    params = tiny_pipeline.workspace(root, **overrides)
     return params, write_params(root / "params.yaml", params)
 
 

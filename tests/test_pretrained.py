@@ -38,18 +38,10 @@ def test_pretrained_weights_are_loaded_and_adapted(tmp_path, monkeypatch):
     assert model.mean.flatten().tolist() == pytest.approx([sum([0.485, 0.456, 0.406]) / 3])  # the weights' stats
 
 
-def _workspace(tiny_pipeline, root, **overrides):
-    params = tiny_pipeline.params_with(**overrides)
-    for key in ("models", "metrics", "plots", "resume"):
-        params["paths"][key] = str(root / key)
-    params["tracking"]["uri"] = f"sqlite:///{root / 'mlflow.db'}"
-    return params
-
-
 def test_a_torchvision_teacher_is_fine_tuned_and_feeds_distill(tiny_pipeline, tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
-    params = _workspace(tiny_pipeline, tmp_path, teacher__source="torchvision", teacher__model=f"tv:{ARCH}",
+    params = tiny_pipeline.workspace(tmp_path, teacher__source="torchvision", teacher__model=f"tv:{ARCH}",
                         teacher__weights=WEIGHTS, teacher__finetune=True, teacher__epochs=1,
                         teacher__warmup_epochs=0, student__seeds=[0], student__epochs=1, student__warmup_epochs=0)
     path = write_params(tmp_path / "params.yaml", params)
@@ -97,7 +89,7 @@ def test_a_teacher_sees_its_input_size_and_keeps_it_in_its_checkpoint(tiny_pipel
     """teacher.input_size: the teacher resizes 8×8 digits to 16×16 on the device; its checkpoint remembers it."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
-    params = _workspace(tiny_pipeline, tmp_path, teacher__input_size=16, teacher__epochs=1, teacher__warmup_epochs=0)
+    params = tiny_pipeline.workspace(tmp_path, teacher__input_size=16, teacher__epochs=1, teacher__warmup_epochs=0)
     teacher.run(config.from_dict(params))
     model, ckpt = build_from_checkpoint(tmp_path / "models/teacher.pt")
     assert ckpt["input_size"] == model.input_size == 16

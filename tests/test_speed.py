@@ -172,13 +172,8 @@ def test_views_need_augmentation_and_logit_only_methods(workdir, capsys):
 def test_distill_stage_with_cached_views(tiny_pipeline, tmp_path, monkeypatch):
     """distill.teacher_views: the views are labelled once, saved beside the students with their params, and
     named in the metrics; the precision used is a metrics field."""
-    params = tiny_pipeline.params_with(distill__teacher_views=2, student__seeds=[0], student__epochs=1,
-                                        student__warmup_epochs=0)
-    for key in ("models", "metrics", "plots"):
-        params["paths"][key] = str(tmp_path / key)
-    params["tracking"]["uri"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    (tmp_path / "models").mkdir()
-    (tmp_path / "models/teacher.pt").write_bytes((tiny_pipeline.work / "models/teacher.pt").read_bytes())
+    params = tiny_pipeline.workspace(tmp_path, distill__teacher_views=2, student__seeds=[0], student__epochs=1,
+                                     student__warmup_epochs=0)
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # tracking.uri above, not what a test left behind
     metrics = distill.run(config.from_dict(params))
