@@ -54,9 +54,8 @@ IMPORTS = {
 }
 NOTES = ("work_s: seconds inside a stage's work function, its torch/MLflow imports included (stage modules "
          "import them lazily); before_work_s: the process's age when the work began (interpreter start, "
-         "kdpipe.config, argument parsing) from psutil's create_time, which Linux makes early by "
-         "create_time_offset_s (boot time read in whole seconds); start_s: before_work_s less that offset. "
-         "dvc_and_rest_s: dvc repro's wall less Σ start_s and Σ work_s, so DVC's own time plus each stage "
+         "kdpipe.config, argument parsing; kdpipe.stagekit.process_age). "
+         "dvc_and_rest_s: dvc repro's wall less Σ before_work_s and Σ work_s, so DVC's own time plus each stage "
          "process's exit after its work. imports: `python -c <code>` in the clone, median, warm file cache; "
          "work_split: Σ work_s less one `training_stage` import (less start-up) a process.")
 
@@ -90,37 +89,20 @@ def read_timing(path: Path) -> list[dict]:
     return [json.loads(line) for line in lines if line.strip()]
 
 
-def create_time_offset() -> float:
-    """How far psutil's process start time (what kdpipe/stagekit.py ages a stage process by) is early on this
-    boot, in seconds: Linux counts a process's start in clock ticks since boot, and psutil adds the boot time
-    read in whole seconds (/proc/stat btime), so every process looks older by the same fraction of a second.
-    0.0 where it cannot be read (not Linux)."""
-    import psutil
-
-    try:
-        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()  # field 3 (state) onwards
-        true_age = time.clock_gettime(time.CLOCK_BOOTTIME) - int(fields[19]) / os.sysconf("SC_CLK_TCK")
-        return round(time.time() - psutil.Process().create_time() - true_age, 3)
-    except (OSError, AttributeError, ValueError, IndexError):
-        return 0.0
-
-
-def cold_case(root: Path, timing: Path, offset: float) -> dict:
-    """The first `make run` in the clone: every stage runs; each stage process reports its own seconds, and
-    start_s is its before_work_s less the clock `offset` (create_time_offset)."""
+def cold_case(root: Path, timing: Path) -> dict:
+    """The first `make run` in the clone: every stage runs; each stage process reports its own seconds."""
     run = make_run(root, environment(KDPIPE_TIMING=str(timing)))
-    stages = [row | {"start_s": round(row["before_work_s"] - offset, 3)} for row in read_timing(timing)]
+    stages = read_timing(timing)
     expected = list(yaml.safe_load((root / "dvc.yaml").read_text())["stages"])
     work = sum(s["work_s"] for s in stages)
-    before = sum(s["start_s"] for s in stages)
+    before = sum(s["before_work_s"] for s in stages)
     return {
         "wall_s": round(run["wall_s"], 2),
         "check_params_s": round(run["check_params_s"], 2),
         "dvc_repro_s": round(run["dvc_repro_s"], 2),
         "stages": stages,
         "sum_work_s": round(work, 2),
-        "sum_start_s": round(before, 2),
-        "create_time_offset_s": offset,
+        "sum_before_work_s": round(before, 2),
         # DVC's own time (its start, hashing, lock files, spawning) plus each stage's exit after its work
         "dvc_and_rest_s": round(run["dvc_repro_s"] - work - before, 2),
         "wall_over_work": round(run["wall_s"] / work, 3) if work else None,
@@ -182,8 +164,8 @@ def acceptance(cold: dict, noop: dict) -> dict:
 def table(result: dict) -> str:
     cold, noop, imp = result["cold"], result["noop"], result["imports"]
     rows = ["| stage process | start + imports before work (s) | work (s) |", "|---|---:|---:|"]
-    rows += [f"| {s['stage']} | {s['start_s']:.2f} | {s['work_s']:.2f} |" for s in cold["stages"]]
-    total = f"| **all {len(cold['stages'])}** | {cold['sum_start_s']:.2f} | {cold['sum_work_s']:.2f} |"
+    rows += [f"| {s['stage']} | {s['before_work_s']:.2f} | {s['work_s']:.2f} |" for s in cold["stages"]]
+    total = f"| **all {len(cold['stages'])}** | {cold['sum_before_work_s']:.2f} | {cold['sum_work_s']:.2f} |"
     rows += [total, "", "| `make run` | seconds |", "|---|---:|",
              f"| cold, all stages: wall (check-params {cold['check_params_s']:.2f} + dvc repro "
              f"{cold['dvc_repro_s']:.2f}) | {cold['wall_s']:.2f} |",
@@ -208,7 +190,7 @@ def main() -> int:
         root = clone(Path(tmp) / "repo")
         load = os.getloadavg()
         print(f"cold `make run` in {root} (all six stages) ...", file=sys.stderr, flush=True)
-        cold = cold_case(root, Path(tmp) / "timing-cold.jsonl", create_time_offset())
+        cold = cold_case(root, Path(tmp) / "timing-cold.jsonl")
         if cold["stages_missing"]:  # kept in the result: the sums then undercount the work
             print(f"warning: no timing line from {cold['stages_missing']}", file=sys.stderr)
         print(f"cold: {cold['wall_s']:.1f} s; no-op `make run` x{args.noop_runs} ...", file=sys.stderr,

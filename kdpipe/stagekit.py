@@ -56,14 +56,24 @@ def _record_timing(stage: str, work_seconds: float) -> None:
         return
     import json
 
-    import psutil
-
-    now = time.time()
-    age = now - psutil.Process().create_time()
+    now, age = time.time(), process_age()
     row = {"stage": stage, "work_s": round(work_seconds, 3), "before_work_s": round(age - work_seconds, 3),
            "work_end_unix": round(now, 3)}
     with open(target, "a") as f:
         f.write(json.dumps(row) + "\n")
+
+
+def process_age() -> float:
+    """Seconds since this process started. On Linux from /proc/self/stat's start tick against the boot clock:
+    psutil's create_time adds a boot time read in whole seconds, which made every process look up to 1 s older
+    (0.63 s on the machine measured). Elsewhere psutil's figure."""
+    try:
+        fields = open("/proc/self/stat").read().rsplit(")", 1)[1].split()  # from field 3 (state) on
+        return time.clock_gettime(time.CLOCK_BOOTTIME) - int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, AttributeError, ValueError, IndexError):
+        import psutil
+
+        return time.time() - psutil.Process().create_time()
 
 
 @dataclass(frozen=True)
