@@ -97,7 +97,7 @@ def build_step(workload: str, rt, data, batch: int, extra: dict) -> Callable[[ob
     student = rt.prepare(build_model(STUDENT, 3, CLASSES))
     trainer = _Trainer.build(student, cfg, rt, seed=0, objective=objective)
     trainer.modules[0].train()
-    return lambda idx: trainer.step(data, idx, lr=cfg.lr)
+    return lambda idx: trainer.step(idx, data.x[idx.to(data.x.device)], data.y[idx.to(data.x.device)], lr=cfg.lr)
 
 
 def online_or_views(workload: str, dcfg, teacher, rt, data, extra: dict):

@@ -272,7 +272,12 @@ def kdpipe_side(x, y, args, facts: dict) -> Callable:
         return iter(torch.randperm(len(train), generator=shuffle).split(BATCH)[: len(train) // BATCH])
 
     batches = endless(epoch_batches)
-    return lambda: trainer.step(train, next(batches), lr=LR)[2]["loss"]
+
+    def step():
+        idx = next(batches)
+        return trainer.step(idx, train.x[idx], train.y[idx], lr=LR)[2]["loss"]
+
+    return step
 
 
 def kdpipe_objective(args, teacher, train, rt, facts: dict):

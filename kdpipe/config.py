@@ -41,6 +41,8 @@ class DataConfig(_Section):
     test_fraction: float = Field(default=0.2, ge=0, lt=1)  # used only where no official test split exists
     download: bool = False  # allow torchvision downloads when the files are not on disk
     train_subset: int | None = Field(default=None, ge=10)  # stratified sample of the training pool, before splits
+    in_memory: bool | Literal["auto"] = "auto"  # training splits on the device, or streamed from disk
+    workers: int | None = Field(default=None, ge=0, le=64)  # loader/decoder processes; None: cores − 1, at most 8
 
     @model_validator(mode="after")
     def _imagefolder_needs_folder_and_size(self) -> DataConfig:
@@ -143,6 +145,7 @@ class DistillConfig(_Section):
     dkd_beta: float = Field(default=8.0, ge=0)
     hint_layer: int = -1  # FitNets: which feature stage (same index for student and teacher); -1 = deepest
     hint_epochs: int = Field(default=0, ge=0)  # FitNets stage 1: epochs of hint-only training first
+    crd_negatives: int = Field(default=4096, ge=1)  # CRD: negatives drawn from the memory bank per sample
     # FKD (Shen & Xing 2022): the teacher labels this many augmented views of each training image once, and
     # the student replays them (no teacher forward per step); 0 = a live teacher on every batch
     teacher_views: int = Field(default=0, ge=0, le=64)

@@ -1,12 +1,14 @@
 """Prepared data: stratified splits, statistics and digests of a RawDataset, and on-device batching/augmentation.
 
-Everything here keeps whole splits in memory as tensors: Fashion-MNIST is 55 MB as uint8, so the training
-stages move it to the device once and batch with index tensors instead of a DataLoader. The loaders that
-produce a RawDataset live in kdpipe.datasets.
+A split that fits (Fashion-MNIST is 55 MB as uint8) lives on the training device as one tensor and is batched
+with index tensors, without a DataLoader; a larger one stays on disk (kdpipe.ondisk) and is streamed. Whole-split
+passes (statistics, digest) go a chunk at a time so they work on both. The loaders that produce a RawDataset
+live in kdpipe.datasets.
 """
 
 import hashlib
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -105,13 +107,18 @@ def _allocate(counts: np.ndarray, total: int) -> np.ndarray:
     return share
 
 
+def subset_rows(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """Sorted positions of a stratified, seeded sample of n of `labels` (data.train_subset)."""
+    if not 0 < n < len(labels):
+        raise DataError(f"data.train_subset: must be between 1 and {len(labels) - 1} "
+                        f"(the training pool's size), got {n}")
+    return stratified_split(labels, n / len(labels), 0.0, seed).val_idx
+
+
 def subset(raw: RawDataset, n: int, seed: int) -> RawDataset:
     """A stratified, seeded sample of n images of the training pool (the official test split is kept
     whole): a smaller, faster, limited-data version of a dataset."""
-    if not 0 < n < len(raw.train_y):
-        raise DataError(f"data.train_subset: must be between 1 and {len(raw.train_y) - 1} "
-                        f"(the training pool's size), got {n}")
-    keep = stratified_split(raw.train_y, n / len(raw.train_y), 0.0, seed).val_idx
+    keep = subset_rows(raw.train_y, n, seed)
     return RawDataset(raw.train_x[keep], raw.train_y[keep], raw.test_x, raw.test_y, raw.classes)
 
 
@@ -133,17 +140,27 @@ def prepare_dataset(raw: RawDataset, val_fraction: float, test_fraction: float, 
         prepared["test_x"], prepared["test_y"] = raw.test_x.contiguous(), raw.test_y.contiguous()
     else:
         prepared["test_x"], prepared["test_y"] = raw.train_x[splits.test_idx], raw.train_y[splits.test_idx]
-    prepared["classes"] = list(raw.classes)
-    prepared["mean"], prepared["std"] = channel_stats(prepared["train_x"])
-    prepared["class_counts"] = {
-        split: torch.bincount(prepared[f"{split}_y"], minlength=len(raw.classes)).tolist()
-        for split in ("train", "val", "test")
-    }
     carved = ("train", "val") if official else ("train", "val", "test")  # the splits taken from raw.train_x
-    require_every_class(prepared["class_counts"], raw.classes, carved, val_fraction, test_fraction)
-    prepared["image_shape"] = list(raw.train_x.shape[1:])
+    return summarise(prepared, raw.classes, carved, val_fraction, test_fraction)
+
+
+def summarise(prepared: dict, classes: list[str], carved: tuple[str, ...], val_fraction: float,
+              test_fraction: float) -> dict:
+    """Add classes, train-only mean/std, class counts (every class in every carved split), image shape and
+    digest to the six split arrays (in-memory tensors, or on-disk arrays streamed there by prepare)."""
+    prepared["classes"] = list(classes)
+    prepared["mean"], prepared["std"] = channel_stats(prepared["train_x"])
+    prepared["class_counts"] = class_counts(prepared, len(classes))
+    require_every_class(prepared["class_counts"], classes, carved, val_fraction, test_fraction)
+    prepared["image_shape"] = list(prepared["train_x"].shape[1:])
     prepared["digest"] = dataset_digest(prepared)
     return prepared
+
+
+def class_counts(prepared: dict, n_classes: int) -> dict[str, list[int]]:
+    """Images per class in each split, from the `<split>_y` labels."""
+    return {split: torch.bincount(prepared[f"{split}_y"], minlength=n_classes).tolist()
+            for split in ("train", "val", "test")}
 
 
 def require_every_class(counts: dict[str, list[int]], classes: list[str], carved: tuple[str, ...],
@@ -176,9 +193,12 @@ def channel_stats(x_uint8: torch.Tensor) -> tuple[list[float], list[float]]:
     The histogram avoids a float copy of the whole dataset (60k x 784 floats for Fashion-MNIST).
     """
     values = torch.arange(256, dtype=torch.float64)
+    hists = torch.zeros(x_uint8.shape[1], 256, dtype=torch.float64)
+    for chunk in _chunks(x_uint8):  # an on-disk split a chunk at a time; counts add up exactly
+        for c, channel in enumerate(chunk.transpose(0, 1)):  # (C, N, H, W): one channel at a time
+            hists[c] += torch.bincount(channel.reshape(-1), minlength=256).cpu().to(torch.float64)
     means, stds = [], []
-    for channel in x_uint8.transpose(0, 1):  # (C, N, H, W): one channel at a time
-        hist = torch.bincount(channel.reshape(-1), minlength=256).cpu().to(torch.float64)
+    for hist in hists:
         n = hist.sum()
         mean = (hist * values).sum() / n
         var = (hist * (values - mean) ** 2).sum() / n
@@ -191,12 +211,18 @@ def dataset_digest(prepared: dict) -> str:
     """sha256 hex over the six split tensors (name, dtype, shape, bytes) and the class names, in a fixed order."""
     h = hashlib.sha256()
     for key in SPLIT_TENSORS:
-        t = prepared[key].detach().cpu().contiguous()
+        t = prepared[key]
         # Hash the shape and dtype too, so that the same bytes in another layout get another digest.
         h.update(f"{key}:{t.dtype}:{list(t.shape)};".encode())
-        h.update(t.numpy().tobytes())
+        for chunk in _chunks(t):
+            h.update(memoryview(chunk.detach().cpu().contiguous().numpy()).cast("B"))
     h.update(json.dumps(list(prepared["classes"])).encode())
     return h.hexdigest()
+
+
+def _chunks(x) -> Iterable[torch.Tensor]:
+    """An in-memory tensor as one chunk; an on-disk array (kdpipe.ondisk.OnDiskArray) a chunk at a time."""
+    return x.chunks() if hasattr(x, "chunks") else (x,)
 
 
 # ---------------------------------------------------------------------------------- batching
@@ -206,26 +232,46 @@ def dataset_digest(prepared: dict) -> str:
 class Split:
     """One split as the training loop reads it."""
 
-    x: torch.Tensor  # uint8 (N, C, H, W), on the training device or on the host for streamed data
-    y: torch.Tensor  # int64 (N,), same device as x
+    x: torch.Tensor  # uint8 (N, C, H, W) on the training device, or an ondisk.OnDiskArray when streamed
+    y: torch.Tensor  # int64 (N,), on the device with x, on the host when streamed
+    workers: int = 0  # streamed: DataLoader worker processes that read ahead
 
     def __len__(self) -> int:
         return len(self.y)
 
+    @property
+    def streamed(self) -> bool:
+        return not isinstance(self.x, torch.Tensor)
 
-def place_splits(prepared: dict, device: torch.device, *, stream: bool) -> tuple[Split, Split, Split]:
-    """(train, val, test) on the training device, or left on the host and streamed batch by batch (pinned
-    for fast copies to a GPU) when the dataset may not fit device memory (imagefolder)."""
+
+def place_splits(prepared: dict, device: torch.device, *, in_memory: bool,
+                 workers: int = 0) -> tuple[Split, Split, Split]:
+    """(train, val, test) on the training device, or left on disk and streamed batch by batch by `workers`
+    DataLoader processes."""
 
     def split(name: str) -> Split:
         x, y = prepared[f"{name}_x"], prepared[f"{name}_y"]
-        if not stream:
-            return Split(x.to(device), y.to(device))
-        if device.type == "cuda":
-            x, y = x.pin_memory(), y.pin_memory()
-        return Split(x, y)
+        if not in_memory:
+            return Split(x, y, workers)
+        return Split((x if isinstance(x, torch.Tensor) else x.load()).to(device), y.to(device))
 
     return split("train"), split("val"), split("test")
+
+
+# Splits fit "in memory" when their images take at most this share of the device's memory (a GPU's total, or the
+# host's available RAM): the rest is left to models, activations and the optimizer.
+IN_MEMORY_SHARE = 0.25
+
+
+def fits_in_memory(nbytes: int, device: torch.device) -> bool:
+    """data.in_memory: auto: do images of `nbytes` fit IN_MEMORY_SHARE of the device's memory?"""
+    if device.type == "cuda":
+        capacity = torch.cuda.get_device_properties(device).total_memory
+    else:
+        import psutil
+
+        capacity = psutil.virtual_memory().available
+    return nbytes <= IN_MEMORY_SHARE * capacity
 
 
 def to_float(x_uint8: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """The datasets kdpipe reads, loaded from disk as uint8 tensors (RawDataset): sklearn's digits, Fashion-MNIST
 (the Debian package's IDX files, or a torchvision download), CIFAR-10/100 (torchvision's pickles) and
-`imagefolder` (a user's class/image folders). `LOADERS` is the one list of dataset names.
+`imagefolder` (a user's class/image folders, kdpipe.imagefolder). `LOADERS` is the one list of dataset names.
 
 Only torch and numpy are imported at module level; sklearn, torchvision and PIL are imported inside the
 loaders that need them (each costs about a second).
@@ -16,7 +16,6 @@ import numpy as np
 import torch
 
 from kdpipe.data import DataError, RawDataset
-from kdpipe.images import IMAGE_EXTENSIONS
 
 # Where the Debian package `dataset-fashion-mnist` installs the four original gzipped IDX files.
 # A module constant so tests (and unusual machines) can point elsewhere.
@@ -35,9 +34,6 @@ FASHION_MNIST_FILES = {
 }
 IDX_IMAGES_MAGIC = 0x00000803  # unsigned bytes, 3 dimensions (N, H, W)
 IDX_LABELS_MAGIC = 0x00000801  # unsigned bytes, 1 dimension (N,)
-
-# PIL modes that carry a single channel; a folder made only of these loads as C=1.
-GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
 
 
 # --------------------------------------------------------------------------------------------- loading
@@ -231,61 +227,10 @@ def _cifar_classes(name: str, path: Path, key: str) -> list[str]:
     return [str(c) for c in meta[key]]
 
 
-# Image folder -------------------------------------------------------------------------------------
-
-
 def _load_imagefolder(root: Path, image_size: int | None) -> RawDataset:
-    """root/<class>/<images>: classes sorted by name, every image resized to image_size x image_size."""
-    if image_size is None:
-        raise DataError(f"imagefolder: image_size is required to resize the images in {root}")
-    if not root.is_dir():
-        raise DataError(f"imagefolder: no folder {root}")
-    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    if len(class_dirs) < 2:
-        raise DataError(f"imagefolder: {root} has {len(class_dirs)} class folder(s), need at least 2")
-    files, labels = [], []
-    for label, class_dir in enumerate(class_dirs):
-        images = _image_files(class_dir)
-        if not images:
-            raise DataError(f"imagefolder: class folder {class_dir} has no images ({' '.join(IMAGE_EXTENSIONS)})")
-        files += images
-        labels += [label] * len(images)
-    # A folder of grayscale scans should stay C=1 rather than triple its size as RGB.
-    mode = "L" if all(_image_mode(f) in GRAY_MODES for f in files) else "RGB"
-    pixels = np.stack([_read_image(f, mode, image_size) for f in files])
-    x = torch.from_numpy(pixels)
-    x = x.unsqueeze(1) if mode == "L" else x.permute(0, 3, 1, 2).contiguous()  # -> (N, C, H, W)
-    y = torch.tensor(labels, dtype=torch.int64)
-    return RawDataset(x, y, None, None, [d.name for d in class_dirs])
+    from kdpipe import imagefolder
 
-
-def _image_files(folder: Path) -> list[Path]:
-    """Image files under folder (any depth), by extension, case-insensitive, sorted for a stable order."""
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-
-
-def _image_mode(path: Path) -> str:
-    """PIL mode of an image, read from its header only."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as img:
-            return img.mode
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise DataError(f"imagefolder: cannot read image {path}: {exc}") from exc
-
-
-def _read_image(path: Path, mode: str, size: int) -> np.ndarray:
-    """Decode, convert to mode and resize one image (kdpipe.images, as predict reads it); uint8 (size, size) or
-    (size, size, 3)."""
-    from PIL import Image
-
-    from kdpipe.images import load_image
-
-    try:
-        return load_image(path, mode, (size, size))
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise DataError(f"imagefolder: cannot read image {path}: {exc}") from exc
+    return imagefolder.load(root, image_size)
 
 
 # Dataset name (params' data.dataset) → loader(root, image_size=, download=): the one list of datasets.
@@ -294,6 +239,6 @@ LOADERS = {
     "fashion_mnist": lambda root, image_size, download: _load_fashion_mnist(root, download),
     "cifar10": lambda root, image_size, download: _load_cifar10(root, download),
     "cifar100": lambda root, image_size, download: _load_cifar100(root, download),
-    "imagefolder": lambda root, image_size, download: _load_imagefolder(root, image_size),
+    "imagefolder": lambda root, image_size, download: _load_imagefolder(root, image_size),  # kdpipe.imagefolder
 }
 DATASETS = tuple(LOADERS)

@@ -1,8 +1,9 @@
 """One training loop for every stage: teacher, scratch student and distilled student.
 
-The split tensors live on the training device as uint8 (whole-dataset-on-device, as airbench does), batches
-are cut by index and augmented on the device; the loss is a pluggable function so distillation reuses the
-same loop, schedule and early stopping as the scratch baseline.
+Splits that fit live on the training device as uint8 (whole-dataset-on-device, as airbench does) and batches are
+cut by index; larger splits stay on disk and the same index batches are read ahead by DataLoader workers
+(kdpipe.ondisk). Either way batches are augmented on the device. The loss is a pluggable function so
+distillation reuses the same loop, schedule and early stopping as the scratch baseline.
 """
 
 from __future__ import annotations
@@ -145,7 +146,7 @@ def fit(
     uninterrupted run would have (kdpipe.resume keeps it on disk).
     """
     objective = objective or Objective()
-    trainer = _Trainer.build(model, cfg, rt, seed, objective, desc)
+    trainer = _Trainer.build(model, cfg, rt, seed, objective, desc, train)
     all_idx = torch.arange(len(train))
     result, best_state, best_key, start = FitResult(), None, (-1.0, 0.0), 0
     if state is not None:
@@ -190,18 +191,19 @@ class _Trainer:
     shuffle_gen: torch.Generator  # on the host: the batch order
     aug_gen: torch.Generator  # on the training device: crops and flips
     scaler: torch.amp.GradScaler | None  # fp16 only
+    read: Callable[[Split, Iterable[torch.Tensor]], Iterator[tuple]]  # index batches → (idx, uint8 x, y)
     seed: int = 0
     desc: str = "train"  # names the run in errors ("distill seed 1")
     start_loss: float | None = None  # median loss over the run's first START_STEPS steps
 
     @classmethod
     def build(cls, model: nn.Module, cfg: TrainConfig, rt: Runtime, seed: int, objective: Objective,
-              desc: str = "train") -> _Trainer:
+              desc: str = "train", train: Split | None = None) -> _Trainer:
         modules = [model, *objective.extra_modules]
         params = [p for m in modules for p in m.parameters() if p.requires_grad]
         return cls(modules, make_optimizer(params, cfg), objective.loss_fn or cross_entropy_loss(cfg.label_smoothing),
                    objective.augment or _recipe_augment(cfg), cfg, rt, torch.Generator().manual_seed(seed),
-                   rt.generator(seed + 1), rt.grad_scaler(), seed, desc)
+                   rt.generator(seed + 1), rt.grad_scaler(), _reader(train, rt), seed, desc)
 
     def train_epoch(self, train: Split, pool: torch.Tensor, epoch: int) -> dict:
         """One pass over `pool`; returns the epoch's mean loss parts, train accuracy and last lr."""
@@ -212,9 +214,9 @@ class _Trainer:
         sums: dict[str, torch.Tensor] = {}
         steps: dict[str, list[torch.Tensor]] = {}  # each step's loss parts, checked once the epoch is done
         correct = seen = 0
-        for i, idx in enumerate(_batches(pool, cfg.batch_size, self.shuffle_gen)):
+        for i, (idx, xb, yb) in enumerate(self.read(train, _batches(pool, cfg.batch_size, self.shuffle_gen))):
             lr = cfg.lr * lr_factor(epoch + i / n_batches, cfg)
-            logits, y, parts = self.step(train, idx, lr)
+            logits, y, parts = self.step(idx, xb, yb, lr)
             for name, value in parts.items():  # sums as tensors: one host sync per epoch, not per step
                 sums[name] = sums.get(name, 0.0) + value.detach().float() * len(idx)
                 steps.setdefault(name, []).append(value.detach().float())
@@ -269,14 +271,15 @@ class _Trainer:
                 f"{loss[i].item():.4g}{parts}, over {DIVERGENCE_FACTOR:g}x its start {self.start_loss:.4g} or not "
                 f"finite; lower the lr ({self.cfg.lr:g}) or raise warmup_epochs ({self.cfg.warmup_epochs:g})")
 
-    def step(self, train: Split, idx: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        """One optimizer step on the batch at train positions `idx`, augmented on the device."""
+    def step(self, idx: torch.Tensor, xb: torch.Tensor, yb: torch.Tensor, lr: float
+             ) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """One optimizer step on the batch (uint8 images xb, labels yb) at train positions `idx`, augmented on the
+        device."""
         for group in self.opt.param_groups:
             group["lr"] = lr
-        dev_idx = idx.to(train.x.device)
-        x = to_float(train.x[dev_idx].to(self.rt.device, non_blocking=True))
+        x = to_float(xb.to(self.rt.device, non_blocking=True))
         x, rows = self.augment(x, idx, self.aug_gen)
-        y = train.y[dev_idx].to(self.rt.device, non_blocking=True)
+        y = yb.to(self.rt.device, non_blocking=True)
         with self.rt.autocast():
             logits, parts = self.loss_fn(self.modules[0], self.rt.layout(x), y, rows)
         self.opt.zero_grad(set_to_none=True)
@@ -288,6 +291,23 @@ class _Trainer:
             self.scaler.step(self.opt)
             self.scaler.update()
         return logits, y, parts
+
+
+def _reader(train: Split | None, rt: Runtime):
+    """How a training pass reads its index batches: cut from the tensors on the device, or, for a split on disk,
+    read ahead by DataLoader workers (one stream per fit: its workers persist across epochs)."""
+    if train is not None and train.streamed:
+        from kdpipe.ondisk import BatchStream
+
+        stream = BatchStream(train, train.workers, pin=rt.device.type == "cuda")
+        return lambda split, batches: stream(batches)
+    return _gather
+
+
+def _gather(train: Split, batches: Iterable[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    for idx in batches:
+        dev_idx = idx.to(train.x.device)
+        yield idx, train.x[dev_idx], train.y[dev_idx]
 
 
 def _recipe_augment(cfg: TrainConfig) -> AugmentFn:

@@ -90,11 +90,25 @@ class StageContext:
         return self.prepared["digest"]
 
     @cached_property
-    def splits(self):
-        """(train, val, test) as data.Split, placed once for training (streamed from the host for imagefolder)."""
-        from kdpipe.data import place_splits
+    def in_memory(self) -> bool:
+        """data.in_memory, with auto resolved: the images fit a share of the device's memory (data.fits_in_memory)."""
+        from kdpipe.data import fits_in_memory
 
-        return place_splits(self.prepared, self.rt.device, stream=self.cfg.data.dataset == "imagefolder")
+        if self.cfg.data.in_memory != "auto":
+            return self.cfg.data.in_memory
+        images = (self.prepared[f"{split}_x"] for split in ("train", "val", "test"))
+        return fits_in_memory(sum(getattr(x, "nbytes", 0) or x.numel() for x in images), self.rt.device)
+
+    @cached_property
+    def splits(self):
+        """(train, val, test) as data.Split, placed once for training: on the device, or streamed from disk."""
+        from kdpipe.data import place_splits
+        from kdpipe.ondisk import default_workers
+
+        workers = default_workers() if self.cfg.data.workers is None else self.cfg.data.workers
+        if not self.in_memory:
+            print(f"data: streamed from disk ({self.cfg.data.dataset}, {workers} loader workers)", file=sys.stderr)
+        return place_splits(self.prepared, self.rt.device, in_memory=self.in_memory, workers=workers)
 
     def tags(self, **extra) -> dict[str, str]:
         """MLflow tags every stage run carries: dataset, digest, device facts, plus the stage's own."""
@@ -125,5 +139,6 @@ def start(cfg: Config, outputs: tuple[str, ...] = (), *, exact: bool = False) ->
     paths = Paths(cfg.paths)
     rt = runtime.setup(cfg.seed, cfg=cfg.runtime)
     rt = rt.exact() if exact else rt
-    return StageContext(cfg, rt, paths, load_prepared(paths.dataset))
+    # Training stages leave the images on disk until StageContext.splits knows whether they fit in memory.
+    return StageContext(cfg, rt, paths, load_prepared(paths.dataset, lazy=not exact))
 

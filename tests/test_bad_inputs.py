@@ -314,13 +314,14 @@ sys.exit(prepare.main(["--params", sys.argv[1]]))
 
 def test_a_full_disk_is_one_line_in_a_real_process_and_the_old_dataset_stays(ws):
     """prepare of a 6 MB dataset with files limited to 3 MB (the MLflow store stays below): exit 2, one line
-    naming the file, no traceback, the old dataset.pt and meta.json untouched, no temp file left."""
+    naming the file (the train images, the first too large), no traceback, the old dataset.pt, meta.json and
+    image arrays untouched, no temp file left."""
     write_cifar10(ws.tmp / "raw", n_per_batch=300)
     params = ws.params(data__dataset="cifar10", paths__raw=str(ws.tmp / "raw"))
     with unchanged(ws.root):  # the MLflow store (outside root) records the failed run
         out = subprocess.run([sys.executable, "-c", FULL_DISK, str(params)], cwd=ws.root, env=subprocess_env(),
                              capture_output=True, text=True, timeout=120)
-    assert_one_line_error(out.returncode, out.stderr, "data/prepared/dataset.pt",
+    assert_one_line_error(out.returncode, out.stderr, "data/prepared/train_x.npy",
                           "cannot write it (File too large)", "ulimit -f")
 
 

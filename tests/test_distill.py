@@ -13,7 +13,7 @@ from sklearn.metrics import f1_score
 
 from kdpipe import cli, config, curriculum
 from kdpipe import distillation as kd
-from kdpipe.artifacts import build_from_checkpoint
+from kdpipe.artifacts import build_from_checkpoint, load_prepared
 from kdpipe.losses import PRESETS
 from kdpipe.models import build_model
 from kdpipe.stages import distill, evaluate, scratch, teacher
@@ -34,7 +34,7 @@ def _test_accuracy(path, data) -> float:
 
 def test_evaluate_numbers_match_the_models(done):
     work, cfg = done
-    data = torch.load(work / "data/prepared/dataset.pt", weights_only=True)
+    data = load_prepared(work / "data/prepared/dataset.pt")
     report = json.loads((work / "metrics/evaluate.json").read_text())
     assert report["teacher"]["test_accuracy"] == pytest.approx(_test_accuracy(work / "models/teacher.pt", data))
     for label, stage in (("scratch", "scratch"), ("distilled", "distill")):

@@ -20,7 +20,7 @@ from conftest import SEEDS, subprocess_env, tiny_params, tiny_pipeline_params, w
 from PIL import Image
 
 from kdpipe import config, gate, registry
-from kdpipe.artifacts import build_from_checkpoint
+from kdpipe.artifacts import build_from_checkpoint, load_prepared
 from kdpipe.stages import evaluate, export, teacher
 
 STUDENT, TEACHER = "kdpipe-student", "kdpipe-teacher"
@@ -85,7 +85,7 @@ def test_metrics_report_and_files(done):
 
 def test_onnx_files_carry_their_provenance(done):
     work, cfg, metrics = done
-    prepared = torch.load(work / "data/prepared/dataset.pt", weights_only=True)
+    prepared = load_prepared(work / "data/prepared/dataset.pt")
     for name, role in (("student.onnx", "student"), ("teacher.onnx", "teacher")):
         proto = onnx.load(work / "models" / name)
         onnx.checker.check_model(proto, full_check=True)
@@ -130,7 +130,7 @@ def test_export_ships_the_seed_evaluate_names(done, tmp_path, monkeypatch, capsy
     assert shipped["student_seed"] == other and shipped["seed_choice"]["seed"] == other
     meta = {p.key: p.value for p in onnx.load(tmp_path / "models/student.onnx").metadata_props}
     assert meta["student_seed"] == str(other)
-    data = torch.load(work / "data/prepared/dataset.pt", weights_only=True)
+    data = load_prepared(work / "data/prepared/dataset.pt")
     images = data["test_x"][:64].numpy().astype(np.float32) / 255
     model, _ = build_from_checkpoint(tmp_path / f"models/distill/seed{other}.pt")
     session = onnxruntime.InferenceSession(str(tmp_path / "models/student.onnx"), providers=["CPUExecutionProvider"])
@@ -149,7 +149,7 @@ def test_export_ships_the_seed_evaluate_names(done, tmp_path, monkeypatch, capsy
 
 def test_plain_onnxruntime_matches_the_evaluate_stage(done):
     work, _, metrics = done
-    data = torch.load(work / "data/prepared/dataset.pt", weights_only=True)
+    data = load_prepared(work / "data/prepared/dataset.pt")
     session = onnxruntime.InferenceSession(str(work / "models/student.onnx"), providers=["CPUExecutionProvider"])
     images = data["test_x"].numpy().astype(np.float32) / 255  # (N, 1, 8, 8) in [0, 1]
     accuracy = float((session.run(None, {"images": images})[0].argmax(1) == data["test_y"].numpy()).mean())
@@ -179,7 +179,7 @@ def test_champion_resolves_and_predicts_like_pytorch(done):
             "method"} <= set(tags)
     assert tags["student_seed"] == str(metrics["student_seed"]) and tags["method"] == "kd"
     assert "small_cnn" in version.description and "kd" in version.description  # teacher and method
-    data = torch.load(work / "data/prepared/dataset.pt", weights_only=True)
+    data = load_prepared(work / "data/prepared/dataset.pt")
     images = data["test_x"][:64].numpy().astype(np.float32) / 255
     model, _ = build_from_checkpoint(work / f"models/distill/seed{metrics['student_seed']}.pt")
     with torch.inference_mode():
@@ -335,7 +335,7 @@ def parse(stdout: str) -> dict[str, list[tuple[str, float]]]:
 
 def test_predict_without_torch_from_a_file_and_from_the_registry(done, tmp_path):
     work, _, _ = done
-    data = torch.load(work / "data/prepared/dataset.pt", weights_only=True)
+    data = load_prepared(work / "data/prepared/dataset.pt")
     pngs = []
     for i in range(3):
         pngs.append(tmp_path / f"digit{i}.png")

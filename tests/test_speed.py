@@ -101,7 +101,8 @@ def test_fp16_steps_through_the_grad_scaler():
     before = [p.detach().clone() for p in model.parameters()]
     trainer = _Trainer.build(model, StudentConfig(model="tiny_cnn", batch_size=16), rt, 0, Objective())
     assert isinstance(trainer.scaler, torch.amp.GradScaler)
-    _, _, parts = trainer.step(_toy(), torch.arange(16), lr=0.05)
+    toy, idx = _toy(), torch.arange(16)
+    _, _, parts = trainer.step(idx, toy.x[idx], toy.y[idx], lr=0.05)
     assert torch.isfinite(parts["loss"]) and trainer.scaler.get_scale() > 0
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
@@ -151,7 +152,8 @@ def test_cached_views_mean_no_teacher_forward_during_training():
     loss_fn = kd.distill_loss(config.DistillConfig(), _Refuses(), cached_logits=views.flat_logits())
     trainer = _Trainer.build(build_model("tiny_cnn", 1, 10), StudentConfig(model="tiny_cnn", batch_size=16),
                              Runtime(CPU), 0, Objective(loss_fn=loss_fn, augment=views.augment))
-    _, _, parts = trainer.step(train, torch.arange(16), lr=0.05)
+    idx = torch.arange(16)
+    _, _, parts = trainer.step(idx, train.x[idx], train.y[idx], lr=0.05)
     assert set(parts) == {"loss", "ce", "kd"} and torch.isfinite(parts["loss"])
 
 

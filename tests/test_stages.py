@@ -10,6 +10,7 @@ import torch
 from conftest import dvc_stage_names, tiny_params, write_params
 
 from kdpipe import config
+from kdpipe.artifacts import load_prepared
 from kdpipe.models import build_model
 from kdpipe.stages import teacher
 
@@ -23,7 +24,7 @@ def pipeline(tiny_pipeline):
 
 def test_prepare_outputs(pipeline):
     work, cfg, meta, _ = pipeline
-    data = torch.load(work / "data/prepared/dataset.pt", weights_only=True)
+    data = load_prepared(work / "data/prepared/dataset.pt")
     assert data["train_x"].dtype == torch.uint8 and data["train_x"].shape[1:] == (1, 8, 8)
     on_disk = json.loads((work / "data/prepared/meta.json").read_text())
     assert on_disk == meta
@@ -42,7 +43,7 @@ def test_teacher_outputs_and_checkpoint(pipeline):
     assert ckpt["params"]["teacher"]["model"] == "small_cnn" and ckpt["classes"] == [str(i) for i in range(10)]
     model = build_model(ckpt["model"], ckpt["in_channels"], ckpt["num_classes"], ckpt["mean"], ckpt["std"])
     model.load_state_dict(ckpt["state_dict"])
-    data = torch.load(work / "data/prepared/dataset.pt", weights_only=True)
+    data = load_prepared(work / "data/prepared/dataset.pt")
     model.eval()
     with torch.inference_mode():
         acc = (model(data["test_x"].float() / 255).argmax(1) == data["test_y"]).float().mean().item()

@@ -1,7 +1,9 @@
-"""prepare: raw dataset → seeded stratified train/val(/test) split as uint8 tensors, stats and a digest.
+"""prepare: raw dataset → seeded stratified train/val(/test) split as uint8 arrays on disk, stats and a digest.
 
-Outputs (paths.prepared): dataset.pt (tensors, classes, mean/std from train only, digest) and meta.json
-(the same minus tensors, plus the params that made it).
+Outputs (paths.prepared): train_x.npy, val_x.npy, test_x.npy (uint8 (N, C, H, W) images, read lazily by the
+training stages when they do not fit in memory), dataset.pt (labels, classes, mean/std from train only, digest,
+params) and meta.json (the same minus tensors, for people). An image folder is decoded in parallel, a chunk at a
+time, straight into its arrays.
 """
 
 from __future__ import annotations
@@ -23,11 +25,19 @@ def dataset_root(cfg: Config) -> Path:
     return Path(cfg.paths.raw)
 
 
-def prepare(cfg: Config) -> dict:
-    """Worker: load, split and summarise the configured dataset (no files written)."""
+def prepare(cfg: Config, path: Path) -> dict:
+    """Worker: load, split and summarise the configured dataset. Files are written only for an image folder,
+    whose split arrays are streamed to temporary names beside `path` (Paths.dataset) for save_prepared."""
     from kdpipe.data import prepare_dataset, subset
     from kdpipe.datasets import load_raw
+    from kdpipe.ondisk import default_workers
 
+    if cfg.data.dataset == "imagefolder":
+        from kdpipe.imagefolder import prepare_to_disk
+
+        return prepare_to_disk(dataset_root(cfg), cfg.data.image_size, path, val_fraction=cfg.data.val_fraction,
+                               test_fraction=cfg.data.test_fraction, seed=cfg.seed,
+                               train_subset=cfg.data.train_subset, workers=cfg.data.workers or default_workers())
     raw = load_raw(cfg.data.dataset, dataset_root(cfg), image_size=cfg.data.image_size,
                    download=cfg.data.download)
     if cfg.data.train_subset:
@@ -52,20 +62,26 @@ def summary(prepared: dict, cfg: Config) -> dict:
 
 def run(cfg: Config) -> dict:
     from kdpipe import stagekit, tracking
-    from kdpipe.artifacts import save_torch, write_json
+    from kdpipe.artifacts import save_prepared, write_json
     from kdpipe.paths import Paths
 
     stagekit.preflight(cfg, OUTPUTS)
     t0 = time.perf_counter()
-    prepared = prepare(cfg)
-    meta = summary(prepared, cfg)
     paths = Paths(cfg.paths)
-    with tracking.stage_run(STAGE, cfg, tags={"dataset": cfg.data.dataset, "dataset_digest": meta["digest"]}) as run:
-        save_torch(paths.dataset, {**prepared, "params": meta["params"]})
-        write_json(paths.dataset_meta, meta)
-        run.log_metrics({f"{s}_size": n for s, n in meta["sizes"].items()})
-        run.log_metrics({"num_classes": len(meta["classes"]), "seconds": time.perf_counter() - t0})
-        run.log_artifact(paths.dataset_meta)
+    prepared = prepare(cfg, paths.dataset)
+    meta = summary(prepared, cfg)
+    try:
+        with tracking.stage_run(STAGE, cfg, tags={"dataset": cfg.data.dataset, "dataset_digest": meta["digest"]}) as run:
+            save_prepared(paths.dataset, {**prepared, "params": meta["params"]})
+            write_json(paths.dataset_meta, meta)
+            run.log_metrics({f"{s}_size": n for s, n in meta["sizes"].items()})
+            run.log_metrics({"num_classes": len(meta["classes"]), "seconds": time.perf_counter() - t0})
+            run.log_artifact(paths.dataset_meta)
+    finally:  # an image folder's arrays not moved into place by save_prepared (a failure on the way)
+        for key in ("train_x", "val_x", "test_x"):
+            staged = getattr(prepared[key], "path", None)
+            if staged is not None and staged.name.startswith("."):
+                staged.unlink(missing_ok=True)
     print(f"prepare: {cfg.data.dataset} {meta['sizes']} digest {meta['digest'][:12]}", file=sys.stderr)
     return meta
 
