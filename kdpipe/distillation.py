@@ -76,6 +76,17 @@ def make_hint_adapter(student: nn.Module, teacher: nn.Module, cfg: DistillConfig
     return losses.make_hint_adapter(student.feature_channels[cfg.hint_layer], teacher.feature_channels[cfg.hint_layer])
 
 
+def make_crd_head(student: nn.Module, teacher: nn.Module, n_train: int, cfg: DistillConfig, seed: int,
+                  ) -> nn.Module | None:
+    """CRD's embeddings and memory banks over the train split (trained with the student), when crd is weighted."""
+    if not cfg.resolved_weights().get("crd"):
+        return None
+    from kdpipe.crd import CRDHead
+
+    return CRDHead(student.feature_channels[-1], teacher.feature_channels[-1], n_train,
+                   negatives=cfg.crd_negatives, seed=seed)
+
+
 def distill_loss(
     cfg: DistillConfig,
     teacher: nn.Module,
@@ -83,10 +94,12 @@ def distill_loss(
     weights: dict[str, float] | None = None,
     cached_logits: torch.Tensor | None = None,
     hint_adapter: nn.Module | None = None,
+    crd_head: nn.Module | None = None,
     label_smoothing: float = 0.0,
 ) -> LossFn:
     """The engine's loss for a distilled student; `cached_logits` (rows, K) replaces the teacher forward: row r
-    labels the image the engine passes with r (a train position, or a cached view's row)."""
+    labels the image the engine passes with r (a train position, or a cached view's row). `crd_head` gets the
+    batch's train positions (features never come from cached views, so rows are train positions then)."""
     weights = weights or cfg.resolved_weights()
     with_feats = needs_features(weights)
 
@@ -108,6 +121,7 @@ def distill_loss(
             focal_gamma=cfg.focal_gamma, label_smoothing=0.0 if cfg.focal_gamma is not None else label_smoothing,
             student_feats=student_feats, teacher_feats=teacher_feats, hint_adapter=hint_adapter,
             hint_index=cfg.hint_layer, dkd_alpha=cfg.dkd_alpha, dkd_beta=cfg.dkd_beta,
+            crd=(lambda fs, ft: crd_head(fs, ft, idx.to(fs.device))) if crd_head is not None else None,
         )
         return student_logits, parts
 
@@ -166,12 +180,14 @@ class Distiller:
         """The student's loss, its FitNets adapter (after the hint phase, when asked) and its curriculum."""
         cfg = self.cfg
         adapter = make_hint_adapter(student, self.teacher, cfg.distill)
-        extra = [self.rt.prepare(adapter)] if adapter is not None else []
+        crd_head = make_crd_head(student, self.teacher, len(splits[0]), cfg.distill, seed)
+        extra = [self.rt.prepare(m) for m in (adapter, crd_head) if m is not None]
         if cfg.distill.hint_epochs:
             self.hint_phase(student, adapter, seed, splits)
         cached = self.views.flat_logits() if self.views is not None else self.cached_logits
         loss_fn = distill_loss(cfg.distill, self.teacher, weights=self.weights, cached_logits=cached,
-                               hint_adapter=adapter, label_smoothing=cfg.student.label_smoothing)
+                               hint_adapter=adapter, crd_head=extra[-1] if crd_head is not None else None,
+                               label_smoothing=cfg.student.label_smoothing)
         pool = (curriculum.epoch_pools(cfg.curriculum, self.difficulty, cfg.student.epochs, seed)
                 if cfg.curriculum.enabled else None)
         return Objective(loss_fn=loss_fn, extra_modules=extra, epoch_pool=pool,

@@ -32,11 +32,12 @@ LOSSES: dict[str, str] = {
     "rkd": "relational KD: pairwise distances (×25) and triplet angles (×50) of embeddings (Park et al. 2019)",
     "pkt": "probabilistic knowledge transfer: KL of cosine-kernel affinities of embeddings (Passalis & Tefas 2018)",
     "sp": "similarity-preserving: batch Gram matrices of the last feature maps (Tung & Mori 2019)",
+    "crd": "contrastive: NCE against a memory bank of training-set embeddings (Tian et al. 2020; kdpipe.crd)",
 }
 
-# Terms that need intermediate features, which no cache of teacher outputs holds. rkd and pkt use the last
+# Terms that need intermediate features, which no cache of teacher outputs holds. rkd, pkt and crd use the last
 # stage's map average-pooled to an embedding (RepDistiller's choice), sp the map itself.
-FEATURE_TERMS = ("hint", "at", "rkd", "pkt", "sp")
+FEATURE_TERMS = ("hint", "at", "rkd", "pkt", "sp", "crd")
 
 
 def needs_features(weights: dict[str, float]) -> bool:
@@ -67,6 +68,8 @@ PRESETS: dict[str, dict[str, float]] = {
     "rkd": {"ce": 1.0, "rkd": 1.0},
     "pkt": {"ce": 1.0, "pkt": 30000.0},
     "sp": {"ce": 1.0, "sp": 3000.0},
+    # RepDistiller's CRD row (`-r 1 -a 0 -b 0.8`): CE 1 plus 0.8 · the contrastive term, no KD.
+    "crd": {"ce": 1.0, "crd": 0.8},
 }
 
 
@@ -364,17 +367,20 @@ def composite_loss(
     hint_index: int | tuple[int, int] = -1,
     dkd_alpha: float = 1.0,
     dkd_beta: float = 8.0,
+    crd: Callable[[Tensor, Tensor], Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """The one explicit weighted sum of the terms above:
 
         L = w_ce·CE + w_kd·T²·KL(p_t^T ‖ p_s^T) + w_mse·MSE + w_hint·Hint + w_at·AT + w_dkd·DKD
-            + w_dist·DIST + w_rkd·RKD + w_pkt·PKT + w_sp·SP
+            + w_dist·DIST + w_rkd·RKD + w_pkt·PKT + w_sp·SP + w_crd·CRD
 
     Missing or zero weights are not computed. The seed article's "L = MSE + α·KL" is weights
     {"mse": 1, "kd": α}; Hinton's KD is {"ce": 1 − α, "kd": α}. CE becomes focal loss when `focal_gamma`
     is given (still logged as "ce"). Hint uses feature pair `hint_index` (an int indexes both lists, a pair
-    (i_student, i_teacher) each); AT uses all pairs zipped from the deepest stage; DIST the logits; RKD, PKT
-    and SP the deepest stage of each network.
+    (i_student, i_teacher) each); AT uses all pairs zipped from the deepest stage; DIST the logits; RKD, PKT,
+    SP and CRD the deepest stage of each network. `crd(student_map, teacher_map)` is the batch's CRD head
+    (kdpipe.crd.CRDHead bound to the batch's train positions): it holds the memory banks, so it is state, not
+    a pure function.
 
     Returns {"loss": L, <term>: unweighted value for each active term}, all fp32 scalars.
     """
@@ -413,5 +419,8 @@ def composite_loss(
         if name in active:  # the deepest stage's maps of both networks
             parts[name] = fn(_require(student_feats, "student_feats", name)[-1],
                              _require(teacher_feats, "teacher_feats", name)[-1])
+    if "crd" in active:
+        parts["crd"] = _require(crd, "a CRD head", "crd")(_require(student_feats, "student_feats", "crd")[-1],
+                                                           _require(teacher_feats, "teacher_feats", "crd")[-1])
     total = torch.stack([weights[name] * value for name, value in parts.items()]).sum()
     return {"loss": total, **parts}

@@ -30,6 +30,10 @@ class Paths:
     def student(self, stage: str, seed: int) -> Path:
         return self.students(stage) / f"seed{seed}.pt"
 
+    def alongside(self, stage: str, seed: int) -> Path:
+        """What trained with student `seed` (a FitNets adapter, a CRD head and its memory banks), beside it."""
+        return self.students(stage) / f"seed{seed}_alongside.pt"
+
     def onnx(self, role: str) -> Path:
         """role: teacher | student | int8."""
         return self._models / ONNX_FILES[role]

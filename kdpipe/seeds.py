@@ -11,7 +11,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from torch import nn
@@ -36,6 +36,7 @@ class SeedRun:
     val: dict  # engine.score of the restored best weights
     test: dict
     train_seconds: float
+    alongside: dict = field(default_factory=dict)  # class name → state_dict of what trained with the student
 
 
 def build_student(recipe: StudentConfig, prepared: dict, device) -> nn.Module:
@@ -63,15 +64,18 @@ def train_seeds(recipe: StudentConfig, prepared: dict, rt, splits: tuple[Split, 
         done = resume.done(seed) if resume else None
         if done is not None:
             model.load_state_dict(done["model"])
-            result, seconds = FitResult(**done["result"]), done["seconds"]
+            result, seconds, alongside = FitResult(**done["result"]), done["seconds"], done.get("alongside", {})
         else:
-            result, seconds = _train_one(model, seed, recipe, rt, train, val, desc, objective_for, on_epoch, resume)
-        runs.append(SeedRun(seed, model, result, score(model, val, exact), score(model, test, exact), seconds))
+            result, seconds, alongside = _train_one(model, seed, recipe, rt, train, val, desc, objective_for,
+                                                    on_epoch, resume)
+        runs.append(SeedRun(seed, model, result, score(model, val, exact), score(model, test, exact), seconds,
+                            alongside))
     return runs
 
 
 def _train_one(model, seed, recipe, rt, train, val, desc, objective_for, on_epoch, resume):
-    """fit() one seed (from where an interrupted run left it, with `resume`); (FitResult, seconds)."""
+    """fit() one seed (from where an interrupted run left it, with `resume`); (FitResult, seconds, the state of
+    the modules trained alongside the student: a FitNets adapter, a CRD head with its memory banks)."""
     objective = objective_for(model, seed) if objective_for else Objective()
     if resume:
         resume.announce(seed)
@@ -81,10 +85,11 @@ def _train_one(model, seed, recipe, rt, train, val, desc, objective_for, on_epoc
                  state=resume.current(seed) if resume else None,
                  on_state=(lambda state: resume.save_epoch(seed, state)) if resume else None)
     seconds = time.perf_counter() - t0
+    alongside = {type(m).__name__: m.state_dict() for m in objective.extra_modules}
     if resume:
         resume.save_done(seed, {"model": model.state_dict(), "result": dataclasses.asdict(result),
-                                "seconds": seconds})
-    return result, seconds
+                                "seconds": seconds, "alongside": alongside})
+    return result, seconds, alongside
 
 
 def summarise(runs: list[SeedRun]) -> dict:
@@ -145,12 +150,15 @@ def student_stage(stage: str, ctx: StageContext, *, params: dict, tags: dict | N
 def write_student_outputs(stage: str, ctx: StageContext, runs: list[SeedRun], params: dict,
                           extra_metrics: dict | None = None) -> dict:
     """Checkpoints per seed, the metrics JSON and the curves CSV; returns the metrics."""
-    from kdpipe.artifacts import save_checkpoint, write_csv, write_json
+    from kdpipe.artifacts import save_checkpoint, save_torch, write_csv, write_json
     from kdpipe.models import count_parameters
 
     for r in runs:
         save_checkpoint(ctx.paths.student(stage, r.seed), r.model, classes=ctx.prepared["classes"], params=params,
                         extra={"seed": r.seed, "dataset_digest": ctx.digest})
+        if r.alongside:  # beside the student, not inside it: a CRD bank holds an embedding per training image
+            save_torch(ctx.paths.alongside(stage, r.seed), {"modules": r.alongside, "seed": r.seed,
+                                                           "dataset_digest": ctx.digest, "params": params})
     metrics = {**summarise(runs), "model": ctx.cfg.student.model, "num_parameters": count_parameters(runs[0].model),
                **(extra_metrics or {}), "precision": ctx.rt.precision, "dataset_digest": ctx.digest,
                "params": params}

@@ -294,11 +294,15 @@ def all_term_inputs():
     y = torch.randint(0, 6, (4,), generator=g)
     s_feats = [torch.randn(4, 3, 8, 8, generator=g), torch.randn(4, 4, 4, 4, generator=g)]
     t_feats = [torch.randn(4, 5, 8, 8, generator=g), torch.randn(4, 7, 4, 4, generator=g)]
+    from kdpipe.crd import CRDHead
+
+    head = CRDHead(4, 7, n_data=10, feat_dim=8, negatives=5)
     kwargs = dict(
         teacher_logits=zt,
         student_feats=s_feats,
         teacher_feats=t_feats,
         hint_adapter=L.make_hint_adapter(4, 7),
+        crd=lambda fs, ft: head(fs, ft, torch.arange(4)),
     )
     return zs, y, kwargs
 
@@ -347,7 +351,7 @@ def test_composite_names_missing_inputs(batch):
         ({"ce": 1.0}, -2.0, "^temperature: must be > 0"),
         ({"ce": 0.0, "kd": 0.0}, 4.0, "^all loss weights are zero$"),
         ({}, 4.0, "^all loss weights are zero$"),
-        ({"ce": 1.0, "foo": 1.0}, 4.0, "^unknown loss term 'foo'; known: ce, kd, mse, hint, at, dkd, dist, rkd, pkt, sp$"),
+        ({"ce": 1.0, "foo": 1.0}, 4.0, "^unknown loss term 'foo'; known: ce, kd, mse, hint, at, dkd, dist, rkd, pkt, sp, crd$"),
     ],
 )
 def test_validate_weights_names_the_key(weights, temperature, message):
@@ -356,7 +360,7 @@ def test_validate_weights_names_the_key(weights, temperature, message):
 
 
 def test_presets_and_descriptions_are_valid():
-    assert set(L.LOSSES) == {"ce", "kd", "mse", "hint", "at", "dkd", "dist", "rkd", "pkt", "sp"}
+    assert set(L.LOSSES) == {"ce", "kd", "mse", "hint", "at", "dkd", "dist", "rkd", "pkt", "sp", "crd"}
     for weights in L.PRESETS.values():
         L.validate_weights(weights, 4.0)
     assert L.PRESETS["kd"] == {"ce": 0.1, "kd": 0.9}
@@ -392,6 +396,7 @@ def test_every_loss_returns_fp32_for_bf16_inputs():
             student_feats=s_feats,
             teacher_feats=t_feats,
             hint_adapter=kwargs["hint_adapter"],
+            crd=kwargs["crd"],
             weights={name: 1.0 for name in L.LOSSES},
         ).values(),
     ]
