@@ -4,10 +4,11 @@ distill with `data.in_memory: false`, against the same on 10,000 of its images.
 1. Writes the 70,000 Fashion-MNIST images (the Debian package's 60k train + 10k test) as
    bench/work/streaming/png70k/<class>/<n>.png, and the first 10,000 of them as png10k/.
 2. Runs prepare → teacher → distill as stage processes (as DVC runs them) on each folder, streamed from disk.
-   Peak memory of distill is sampled every 20 ms as the summed RSS of the stage process and its DataLoader
-   workers (psutil), and read as the main process's own maximum (ru_maxrss).
-3. Times distill's training on the 70k folder streamed and in memory, alternated, 2 rounds: images per second
-   over the training epochs (metrics' train_seconds include each epoch's validation pass, alike for both).
+   Peak memory of distill is sampled every 0.2 s as the summed PSS of the stage process and any DataLoader
+   workers (psutil), and read as the main process's own maximum RSS (ru_maxrss).
+3. Times distill's training on the 70k folder streamed (the default: no loader worker on a CPU), in memory, and
+   streamed with one DataLoader worker, alternated, 2 rounds: images per second over the training epochs
+   (metrics' train_seconds include each epoch's validation pass, alike for all).
 
 Small models and one or two epochs: the memory figures are reached in the first steps and the throughput is a
 ratio. Writes bench/results/streaming.json. Run from the repo root: `python bench/streaming.py`.
@@ -69,18 +70,18 @@ def _write_pngs(task) -> None:
         Image.fromarray(image).save(folder / f"{start + k:05d}.png")
 
 
-def params_for(n: int, in_memory: bool) -> Path:
+def params_for(n: int, in_memory: bool, workers: int | None = None) -> Path:
     root = WORK / f"run{n // 1000}k"
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["data"].update(dataset="imagefolder", folder=str(WORK / f"png{n // 1000}k"), image_size=28,
-                          in_memory=in_memory)
+                          in_memory=in_memory, workers=workers)
     params["teacher"].update(model="small_cnn", epochs=1, warmup_epochs=0, batch_size=128)
     params["student"].update(seeds=[0], epochs=EPOCHS, warmup_epochs=0, batch_size=128, patience=0,
                              crop_padding=2, flip=True)
     params["paths"] = {k: str(root / v) for k, v in params["paths"].items()}
     params["tracking"].update(uri=f"sqlite:///{root / 'mlflow.db'}", system_metrics=False)
     root.mkdir(parents=True, exist_ok=True)
-    path = root / f"params_{'memory' if in_memory else 'stream'}.yaml"
+    path = root / f"params_{'memory' if in_memory else 'stream'}{'' if workers is None else workers}.yaml"
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     return path
 
@@ -99,12 +100,12 @@ def run_stage(stage: str, params: Path) -> dict:
     def sample() -> None:
         root = psutil.Process(proc.pid)
         while not done.is_set():
-            try:
+            try:  # PSS: pages a forked worker shares with its parent are counted once, not twice
                 tree = [root, *root.children(recursive=True)]
-                peak[0] = max(peak[0], sum(p.memory_info().rss for p in tree))
+                peak[0] = max(peak[0], sum(p.memory_full_info().pss for p in tree))
             except psutil.Error:
                 pass
-            time.sleep(0.02)
+            time.sleep(0.2)  # reading smaps costs CPU: sampled more often it slowed the stage measured
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -114,7 +115,7 @@ def run_stage(stage: str, params: Path) -> dict:
     sampler.join()
     if status != 0:
         raise SystemExit(f"{stage} failed:\n{out[-3000:]}")
-    return {"seconds": round(time.perf_counter() - t0, 1), "tree_peak_mib": round(peak[0] / 2**20, 1),
+    return {"seconds": round(time.perf_counter() - t0, 1), "tree_peak_pss_mib": round(peak[0] / 2**20, 1),
             "process_peak_mib": round(usage.ru_maxrss / 1024, 1)}
 
 
@@ -136,10 +137,11 @@ def main() -> None:
         runs = {stage: run_stage(stage, params) for stage in ("prepare", "teacher", "distill")}
         print(f"[bench] {n}: {runs}", file=sys.stderr, flush=True)
         result["runs"][n] = runs
-    streamed, resident = params_for(70_000, in_memory=False), params_for(70_000, in_memory=True)
-    rates: dict[str, list[float]] = {"streamed": [], "in_memory": []}
+    variants = {"streamed": params_for(70_000, in_memory=False), "in_memory": params_for(70_000, in_memory=True),
+                "streamed_1_worker": params_for(70_000, in_memory=False, workers=1)}
+    rates: dict[str, list[float]] = {label: [] for label in variants}
     for _ in range(2):
-        for label, params in (("streamed", streamed), ("in_memory", resident)):
+        for label, params in variants.items():
             run_stage("distill", params)
             rates[label].append(round(distill_rate(params), 1))
             print(f"[bench] {label}: {rates[label][-1]} img/s", file=sys.stderr, flush=True)
@@ -147,7 +149,9 @@ def main() -> None:
     result.update(
         rates=rates,
         streamed_over_in_memory=round(statistics.median(rates["streamed"]) / statistics.median(rates["in_memory"]), 3),
-        tree_peak_ratio_70k_over_10k=round(large["tree_peak_mib"] / small["tree_peak_mib"], 3),
+        one_worker_over_in_memory=round(statistics.median(rates["streamed_1_worker"])
+                                        / statistics.median(rates["in_memory"]), 3),
+        tree_pss_peak_ratio_70k_over_10k=round(large["tree_peak_pss_mib"] / small["tree_peak_pss_mib"], 3),
         process_peak_ratio_70k_over_10k=round(large["process_peak_mib"] / small["process_peak_mib"], 3),
         machine={"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
     )

@@ -42,7 +42,7 @@ class DataConfig(_Section):
     download: bool = False  # allow torchvision downloads when the files are not on disk
     train_subset: int | None = Field(default=None, ge=10)  # stratified sample of the training pool, before splits
     in_memory: bool | Literal["auto"] = "auto"  # training splits on the device, or streamed from disk
-    workers: int | None = Field(default=None, ge=0, le=64)  # loader/decoder processes; None: cores − 1, at most 8
+    workers: int | None = Field(default=None, ge=0, le=64)  # streaming loader / imagefolder decoder processes
 
     @model_validator(mode="after")
     def _imagefolder_needs_folder_and_size(self) -> DataConfig:

@@ -105,7 +105,7 @@ class StageContext:
         from kdpipe.data import place_splits
         from kdpipe.ondisk import default_workers
 
-        workers = default_workers() if self.cfg.data.workers is None else self.cfg.data.workers
+        workers = default_workers(self.rt.device) if self.cfg.data.workers is None else self.cfg.data.workers
         if not self.in_memory:
             print(f"data: streamed from disk ({self.cfg.data.dataset}, {workers} loader workers)", file=sys.stderr)
         return place_splits(self.prepared, self.rt.device, in_memory=self.in_memory, workers=workers)

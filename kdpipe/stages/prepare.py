@@ -30,14 +30,14 @@ def prepare(cfg: Config, path: Path) -> dict:
     whose split arrays are streamed to temporary names beside `path` (Paths.dataset) for save_prepared."""
     from kdpipe.data import prepare_dataset, subset
     from kdpipe.datasets import load_raw
-    from kdpipe.ondisk import default_workers
+    import os
 
     if cfg.data.dataset == "imagefolder":
         from kdpipe.imagefolder import prepare_to_disk
 
         return prepare_to_disk(dataset_root(cfg), cfg.data.image_size, path, val_fraction=cfg.data.val_fraction,
                                test_fraction=cfg.data.test_fraction, seed=cfg.seed,
-                               train_subset=cfg.data.train_subset, workers=cfg.data.workers or default_workers())
+                               train_subset=cfg.data.train_subset, workers=cfg.data.workers or os.cpu_count() or 1)
     raw = load_raw(cfg.data.dataset, dataset_root(cfg), image_size=cfg.data.image_size,
                    download=cfg.data.download)
     if cfg.data.train_subset:
