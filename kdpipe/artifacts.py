@@ -310,3 +310,16 @@ def load_trained(path: str | Path, digest: str, *, stage: str):
         raise CheckpointError(f"{e}; rerun the {stage} stage (dvc repro {stage})") from None
     require_same_data(path, ckpt.get("dataset_digest"), digest, stage=stage)
     return model.cpu().eval(), ckpt
+
+
+def ensemble_members(teacher: torch.nn.Module, ckpt: dict) -> list[torch.nn.Module]:
+    """The teacher, followed by the other members of its ensemble (teacher.ensemble), which its checkpoint holds
+    as state dicts of the same architecture."""
+    import copy
+
+    members = [teacher]
+    for member in ckpt.get("ensemble", []):
+        model = copy.deepcopy(teacher)
+        model.load_state_dict(member["state_dict"])
+        members.append(model)
+    return members

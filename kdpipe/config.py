@@ -104,9 +104,13 @@ class TeacherConfig(TrainConfig):
     weights: str | None = None  # with source: torchvision, a weights name of teacher.model, e.g. IMAGENET1K_V1
     finetune: bool = False  # train a brought teacher further with this recipe (needed for a new head)
     input_size: int | None = Field(default=None, ge=8, le=1024)  # the teacher's input, resized on the device
+    ensemble: int = Field(default=1, ge=1, le=16)  # teachers trained with seeds seed, seed+1, ...; logits averaged
 
     @model_validator(mode="after")
     def _source_needs_location(self) -> TeacherConfig:
+        if self.ensemble > 1 and self.source != "train":
+            raise ValueError(f"ensemble: an ensemble of seeds is trained here (source: train), got source "
+                             f"{self.source!r} with ensemble {self.ensemble}")
         if self.source == "torchvision":
             if not self.model.startswith("tv:"):
                 raise ValueError(f"model: must be tv:<torchvision name> when source is torchvision, got {self.model!r}")
@@ -249,10 +253,14 @@ class Config(_Section):
     paths: PathsConfig = Field(default_factory=PathsConfig)
 
     @model_validator(mode="after")
-    def _views_need_augmentation(self) -> Config:
-        if self.distill.teacher_views:
-            from kdpipe.losses import FEATURE_TERMS, needs_features
+    def _teacher_outputs_fit_the_method(self) -> Config:
+        from kdpipe.losses import FEATURE_TERMS, needs_features
 
+        if self.teacher.ensemble > 1 and needs_features(self.distill.resolved_weights()):
+            raise ValueError(f"distill.method: {self.distill.method} needs one teacher's features "
+                             f"({', '.join(FEATURE_TERMS)}), and teacher.ensemble {self.teacher.ensemble} averages "
+                             f"only logits; use a logit method (kd, dkd, dist, mse) or teacher.ensemble: 1")
+        if self.distill.teacher_views:
             if self.student.crop_padding == 0 and not self.student.flip:
                 raise ValueError("distill.teacher_views: the student sees un-augmented images (student.crop_padding "
                                  "0, flip false), which the teacher's cached logits already cover; set it to 0")

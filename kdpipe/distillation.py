@@ -17,6 +17,7 @@ from kdpipe import curriculum, losses
 from kdpipe.config import Config, DistillConfig, StudentConfig
 from kdpipe.engine import LossFn, Objective, fit
 from kdpipe.losses import needs_features
+from kdpipe.models import Ensemble
 from kdpipe.paths import Paths
 from kdpipe.views import TeacherViews
 
@@ -143,15 +144,16 @@ class Distiller:
     @classmethod
     def load(cls, cfg: Config, paths: Paths, prepared: dict, rt) -> Distiller:
         """The teacher checked against this dataset, and its cached outputs where they are used."""
-        from kdpipe.artifacts import load_trained
+        from kdpipe.artifacts import ensemble_members, load_trained
 
-        teacher, _ = load_trained(paths.teacher, prepared["digest"], stage="teacher")
+        teacher, ckpt = load_trained(paths.teacher, prepared["digest"], stage="teacher")
         weights = cfg.distill.resolved_weights()
         use_cache = can_use_cached_logits(cfg.student, weights)
         outputs = load_teacher_outputs(paths, prepared) if use_cache or cfg.curriculum.enabled else None
-        teacher = freeze(teacher)
+        members = [freeze(m) for m in ensemble_members(teacher, ckpt)]
         if not needs_features(weights):  # only logits are asked of it: fold its BatchNorms for speed
-            teacher = fold_batchnorm(teacher)
+            members = [fold_batchnorm(m) for m in members]
+        teacher = members[0] if len(members) == 1 else Ensemble(members)
         return cls(cfg, rt, rt.prepare(teacher), weights,
                    outputs["train_logits"].to(rt.device) if use_cache else None,
                    outputs["difficulty"] if cfg.curriculum.enabled else None)

@@ -260,6 +260,19 @@ def build_model(name: str, in_channels: int, num_classes: int,
     return Classifier(name, body, in_channels, num_classes, mean, std, input_size)
 
 
+class Ensemble(nn.Module):
+    """Teachers whose logits are averaged: an ensemble of seeds of one recipe (teacher.ensemble). Distillation
+    from it needs logits only; it has no forward_features."""
+
+    def __init__(self, members: list[nn.Module]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.name = f"ensemble of {len(members)} {getattr(members[0], 'name', type(members[0]).__name__)}"
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.stack([member(x).float() for member in self.members]).mean(0)
+
+
 def count_parameters(model: nn.Module) -> int:
     """Number of parameters (trainable or not; buffers such as BN statistics excluded)."""
     return sum(p.numel() for p in model.parameters())

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 
 MISSING = "–"  # an en dash: what the headline table shows for a value nobody measured
 EVALUATED = ("teacher", "scratch", "distilled")  # the model rows of metrics/evaluate.json, in table order
+ENSEMBLE_ROWS = ("teacher members", "teacher ensemble")  # after "teacher", with teacher.ensemble > 1
 SEED_STATS = ("test_accuracy", "macro_f1", "top5_accuracy")  # the row values evaluate gives as mean ± std
 
 
@@ -52,7 +53,8 @@ def table_cells(label: str, row: dict, with_top5: bool) -> list[str]:
 def evaluate_table(evaluated: dict) -> str:
     """The headline table of metrics/evaluate.json's teacher, scratch and distilled rows (students as mean ± std
     over seeds): the evaluate stage's report and the export stage's both show it."""
-    return headline_table({label: with_spread(evaluated[label]) for label in EVALUATED})
+    labels = [label for label in (EVALUATED[0], *ENSEMBLE_ROWS, *EVALUATED[1:]) if label in evaluated]
+    return headline_table({label: with_spread(evaluated[label]) for label in labels})
 
 
 def with_spread(row: dict) -> dict:

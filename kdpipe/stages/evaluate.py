@@ -26,11 +26,19 @@ STUDENT_STAGES = {"scratch": "scratch", "distilled": "distill"}  # report label 
 
 
 def load_models(ctx: StageContext) -> dict[str, list]:
-    """label → [(seed or None, model)], each checkpoint checked against the prepared data."""
-    from kdpipe.artifacts import load_trained
+    """label → [(seed or None, model)], each checkpoint checked against the prepared data. An ensemble teacher
+    adds its members (by seed) and the ensemble itself (averaged logits) as rows of their own."""
+    from kdpipe.artifacts import ensemble_members, load_trained
+    from kdpipe.models import Ensemble
 
     paths, digest = ctx.paths, ctx.digest
-    found = {"teacher": [(None, load_trained(paths.teacher, digest, stage="teacher")[0])]}
+    teacher, ckpt = load_trained(paths.teacher, digest, stage="teacher")
+    found = {"teacher": [(None, teacher)]}
+    members = ensemble_members(teacher, ckpt)
+    if len(members) > 1:
+        seeds = [ctx.cfg.seed] + [int(m["seed"]) for m in ckpt["ensemble"]]
+        found["teacher members"] = list(zip(seeds, members, strict=True))
+        found["teacher ensemble"] = [(None, Ensemble(members))]
     for label, stage in STUDENT_STAGES.items():
         found[label] = [(seed, load_trained(paths.student(stage, seed), digest, stage=stage)[0])
                         for seed in ctx.cfg.student.seeds]
@@ -111,7 +119,8 @@ def write_report(ctx: StageContext, results: dict, scored: dict) -> Path:
     for label, runs in scored.items():
         seed, metrics = runs[0]
         which = f"{label} (seed {seed})" if seed is not None else label
-        png = confusion_png(metrics["confusion"], prepared["classes"], reports / f"confusion_{label}.png",
+        name = label.replace(" ", "_")
+        png = confusion_png(metrics["confusion"], prepared["classes"], reports / f"confusion_{name}.png",
                             title=f"{which}: test confusion matrix")
         images[f"confusion matrix, {which}"] = png.name
         sections[f"Classification report: {which}"] = metrics["report_text"]

@@ -6,8 +6,11 @@
 teacher version (`teacher.registry_uri`, e.g. models:/kdpipe-teacher@champion) and goes on as `checkpoint`;
 `teacher.source: torchvision` builds `teacher.model` tv:<name> with torchvision's pretrained `teacher.weights`,
 read from the torch hub cache (TORCH_HOME), with a new head for the dataset's classes. `teacher.finetune: true`
-trains any brought teacher further with the teacher recipe.
-Outputs: models/teacher.pt (weights + params, weights_only-loadable), metrics/teacher.json, plots/teacher.csv.
+trains any brought teacher further with the teacher recipe. `teacher.ensemble: N` trains N teachers with seeds
+seed, seed+1, ...: the first is "the teacher" (scored, exported), the others ride along in its checkpoint, and
+distillation, the cached logits and the curriculum see their averaged logits.
+Outputs: models/teacher.pt (weights + params, weights_only-loadable), models/teacher_outputs.pt,
+metrics/teacher.json, plots/teacher.csv.
 """
 
 from __future__ import annotations
@@ -22,23 +25,60 @@ STAGE = "teacher"
 OUTPUTS = ("models", "metrics", "plots")  # the paths.* folders it writes, checked before any work
 
 
-def train_teacher(cfg: Config, prepared: dict, rt, splits, on_epoch=None, resume=None, model=None):
-    """Worker: build and fit the teacher, or fine-tune `model` (a brought teacher), from where an interrupted run
-    left it with `resume` (a kdpipe.resume.Resume); returns (model, FitResult)."""
-    from kdpipe.engine import fit
+def new_teacher(cfg: Config, prepared: dict, rt):
+    """teacher.model, freshly initialised for this dataset, on the device."""
     from kdpipe.models import build_model
 
+    c = prepared["image_shape"][0]
+    return rt.prepare(build_model(cfg.teacher.model, c, len(prepared["classes"]), mean=prepared["mean"],
+                                  std=prepared["std"], input_size=cfg.teacher.input_size))
+
+
+def train_teacher(cfg: Config, prepared: dict, rt, splits, on_epoch=None, resume=None, model=None, seed=None):
+    """Worker: build and fit the teacher (with `seed`, default the params' seed), or fine-tune `model` (a brought
+    teacher), from where an interrupted run left it with `resume` (a kdpipe.resume.Resume); (model, FitResult)."""
+    from kdpipe.engine import fit
+
+    seed = cfg.seed if seed is None else seed
     if model is None:  # a brought teacher is prepared already (run() scores it whether or not it trains)
-        c = prepared["image_shape"][0]
-        model = rt.prepare(build_model(cfg.teacher.model, c, len(prepared["classes"]), mean=prepared["mean"],
-                                       std=prepared["std"], input_size=cfg.teacher.input_size))
+        model = new_teacher(cfg, prepared, rt)
     train, val, _ = splits
     if resume:
-        resume.announce(cfg.seed)
-    result = fit(model, train, val, cfg.teacher, rt, seed=cfg.seed, on_epoch=on_epoch, desc=STAGE,
-                 state=resume.current(cfg.seed) if resume else None,
-                 on_state=(lambda state: resume.save_epoch(cfg.seed, state)) if resume else None)
+        resume.announce(seed)
+    desc = STAGE if seed == cfg.seed else f"{STAGE} seed {seed}"
+    result = fit(model, train, val, cfg.teacher, rt, seed=seed, on_epoch=on_epoch, desc=desc,
+                 state=resume.current(seed) if resume else None,
+                 on_state=(lambda state: resume.save_epoch(seed, state)) if resume else None)
     return model, result
+
+
+def train_ensemble(cfg: Config, ctx, resume, log_epoch) -> list[tuple]:
+    """teacher.ensemble N > 1: N teachers, seeds seed .. seed+N−1, as [(seed, model, FitResult)]. The first starts
+    from the stage's own seeding, as a single teacher does; each finished member is kept by `resume`, so a rerun
+    after a kill trains only what is left."""
+    import dataclasses
+
+    from kdpipe.engine import FitResult
+    from kdpipe.runtime import seed_everything
+
+    members = []
+    for k in range(cfg.teacher.ensemble):
+        seed = cfg.seed + k
+        if k:
+            seed_everything(seed)
+        done = resume.done(seed) if resume else None
+        if done is not None:
+            model = new_teacher(cfg, ctx.prepared, ctx.rt)
+            model.load_state_dict(done["model"])
+            members.append((seed, model, FitResult(**done["result"])))
+            continue
+        on_epoch = log_epoch if k == 0 else (lambda row, k=k: log_epoch(row, prefix=f"member{k}/"))
+        model, result = train_teacher(cfg, ctx.prepared, ctx.rt, ctx.splits, on_epoch=on_epoch, resume=resume,
+                                      seed=seed)
+        if resume:
+            resume.save_done(seed, {"model": model.state_dict(), "result": dataclasses.asdict(result)})
+        members.append((seed, model, result))
+    return members
 
 
 def bring_teacher(cfg: Config, prepared: dict, path: str | Path | None = None, where: str | None = None):
@@ -111,6 +151,22 @@ def save_teacher_outputs(path: Path, model, train, rt, digest: str) -> None:
                       "dataset_digest": digest})
 
 
+def ensemble_metrics(ctx, members: list[tuple]) -> dict:
+    """Each member and the ensemble (averaged logits) scored on val and test, in fp32."""
+    from kdpipe.engine import score
+    from kdpipe.models import Ensemble
+
+    _, val, test = ctx.splits
+    exact = ctx.rt.exact()
+
+    def scored(model) -> dict:
+        return {"val_accuracy": score(model, val, exact)["accuracy"], "test_accuracy": score(model, test, exact)["accuracy"]}
+
+    return {"size": len(members), **scored(Ensemble([m for _, m, _ in members])),
+            "members": [{"seed": seed, **scored(model), "epochs_run": result.epochs_run}
+                        for seed, model, result in members]}
+
+
 def teacher_metrics(ctx, model, result, train_seconds: float, params: dict) -> dict:
     """metrics/teacher.json: the restored best teacher scored on val and test, and how it was obtained."""
     from kdpipe.engine import score
@@ -129,15 +185,20 @@ def teacher_metrics(ctx, model, result, train_seconds: float, params: dict) -> d
     }
 
 
-def write_outputs(ctx, model, result, metrics: dict) -> None:
-    """models/teacher.pt, models/teacher_outputs.pt, metrics/teacher.json, plots/teacher.csv."""
+def write_outputs(ctx, model, result, metrics: dict, members: list[tuple] = ()) -> None:
+    """models/teacher.pt (with the other ensemble members inside), models/teacher_outputs.pt (the ensemble's
+    logits when there is one), metrics/teacher.json, plots/teacher.csv."""
     from kdpipe.artifacts import save_checkpoint, write_csv, write_json
+    from kdpipe.models import Ensemble
 
     paths = ctx.paths
+    others = [{"seed": seed, "state_dict": {k: v.detach().cpu() for k, v in m.state_dict().items()}}
+              for seed, m, _ in members[1:]]
     save_checkpoint(paths.teacher, model, classes=ctx.prepared["classes"], params=metrics["params"],
-                    extra={"dataset_digest": ctx.digest,
+                    extra={"dataset_digest": ctx.digest, **({"ensemble": others} if others else {}),
                            "metrics": {k: metrics[k] for k in ("val_accuracy", "test_accuracy")}})
-    save_teacher_outputs(paths.teacher_outputs, model, ctx.splits[0], ctx.rt, ctx.digest)
+    teacher = Ensemble([m for _, m, _ in members]) if members else model
+    save_teacher_outputs(paths.teacher_outputs, teacher, ctx.splits[0], ctx.rt, ctx.digest)
     write_json(paths.metrics(STAGE), metrics)
     write_csv(paths.curves(STAGE), result.history or [{"epoch": 0}])
 
@@ -161,13 +222,20 @@ def run(cfg: Config) -> dict:
         resume = Resume.open(STAGE, cfg.paths.resume, key)
     with tracking.stage_run(STAGE, cfg, tags=tags) as run:
         t0 = time.perf_counter()
-        if trains:
+        members = []
+        if cfg.teacher.ensemble > 1:
+            members = train_ensemble(cfg, ctx, resume, run.log_epoch)
+            _, model, result = members[0]
+        elif trains:
             model, result = train_teacher(cfg, ctx.prepared, ctx.rt, ctx.splits, on_epoch=run.log_epoch,
                                           resume=resume, model=brought)
         else:
             model, result = brought, FitResult()
         metrics = teacher_metrics(ctx, model, result, time.perf_counter() - t0, params)
-        write_outputs(ctx, model, result, metrics)
+        if members:
+            metrics["ensemble"] = ensemble_metrics(ctx, members)
+            run.log_metrics({f"ensemble_{k}": metrics["ensemble"][k] for k in ("val_accuracy", "test_accuracy")})
+        write_outputs(ctx, model, result, metrics, members)
         if resume:
             resume.remove()  # the outputs are written: nothing left to resume
         # Per-epoch curves own the plain names (val_accuracy, ...); the restored best model's are `final_*`.
