@@ -59,8 +59,9 @@ def test_ensemble_of_two_teaches_distill_and_shows_in_the_report(tiny_pipeline, 
     distiller = Distiller.load(cfg, paths, prepared, rt)
     assert isinstance(distiller.teacher, Ensemble) and len(distiller.teacher.members) == 2
     cached = torch.load(paths.teacher_outputs, weights_only=True)["train_logits"]
-    live = predict(distiller.teacher, prepared["train_x"], rt)
-    assert torch.allclose(cached, live, atol=1e-4)
+    live = predict(distiller.teacher, prepared["train_x"], rt)  # fp32 here; the stage computed in bf16 (auto)
+    first = predict(distiller.teacher.members[0], prepared["train_x"], rt)
+    assert (cached - live).abs().max() < 0.1 < (cached - first).abs().max()
 
     distill.run(cfg)
     scratch.run(cfg)
