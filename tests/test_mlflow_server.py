@@ -1,0 +1,91 @@
+"""MLflow as a server: the six stages against a real `mlflow server` (database backend, artifacts served through
+it) started here on 127.0.0.1, read back over its REST API; then the server stopped, and a stage fails in seconds
+with one line naming the URI, nothing of its outputs touched."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from conftest import subprocess_env, write_params
+from test_registry_server import free_port, get, stop, wait_healthy
+
+pytestmark = pytest.mark.slow
+STAGES = ("prepare", "teacher", "scratch", "distill", "evaluate", "export")
+
+
+def start_server(folder: Path, port: int) -> subprocess.Popen:
+    """`make mlflow-server`'s command on another port and folder."""
+    mlflow_cli = str(Path(sys.executable).parent / "mlflow")
+    return subprocess.Popen(
+        [mlflow_cli, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{folder / 'server.db'}", "--serve-artifacts",
+         "--artifacts-destination", str(folder / "served-artifacts")],
+        cwd=folder, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True)
+
+
+def post(base: str, path: str, body: dict) -> dict:
+    request = urllib.request.Request(f"{base}{path}", data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read() or b"{}")
+
+
+def run_stage(stage: str, params: Path, uri: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", f"kdpipe.stages.{stage}", "--params", str(params)],
+                          cwd=params.parent, env=subprocess_env(MLFLOW_TRACKING_URI=uri), capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_every_stage_and_the_registry_through_a_tracking_server(tiny_pipeline, tmp_path):
+    work = tmp_path / "work"
+    params = tiny_pipeline.params_with(student__seeds=[0])
+    params["paths"] = {key: str(work / value) for key, value in
+                       {"raw": "data/raw", "downloads": "data/downloads", "prepared": "data/prepared",
+                        "models": "models", "metrics": "metrics", "plots": "plots", "reports": "reports",
+                        "resume": ".kdpipe/resume"}.items()}
+    params["tracking"]["uri"] = None  # MLFLOW_TRACKING_URI decides, as on a team's machines
+    work.mkdir()
+    path = write_params(work / "params.yaml", params)
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    server = start_server(tmp_path, port)
+    try:
+        wait_healthy(base, server)
+        for stage in STAGES:
+            out = run_stage(stage, path, base)
+            assert out.returncode == 0, f"{stage}:\n{out.stderr[-3000:]}"
+        experiment = get(base, "/api/2.0/mlflow/experiments/get-by-name?experiment_name=kdpipe")["experiment"]
+        runs = post(base, "/api/2.0/mlflow/runs/search",
+                    {"experiment_ids": [experiment["experiment_id"]], "max_results": 100})["runs"]
+        by_stage = {next(t["value"] for t in r["data"]["tags"] if t["key"] == "stage"): r for r in runs}
+        assert set(by_stage) == set(STAGES)
+        assert all(r["info"]["status"] == "FINISHED" for r in runs)
+        # Artifacts went through the server into its folder, not into the client's working tree.
+        assert by_stage["distill"]["info"]["artifact_uri"].startswith("mlflow-artifacts:")
+        assert any((tmp_path / "served-artifacts").rglob("distill.json"))
+        assert not (work / "mlartifacts").exists() and not (work / "mlflow.db").exists()
+        model = get(base, "/api/2.0/mlflow/registered-models/get?name=kdpipe-student")["registered_model"]
+        assert {a["alias"] for a in model["aliases"]} >= {"champion"}
+        champion = get(base, "/api/2.0/mlflow/registered-models/alias?name=kdpipe-student&alias=champion")
+        assert champion["model_version"]["run_id"] == by_stage["export"]["info"]["run_id"]
+    finally:
+        stop(server)
+
+    before = {p: p.read_bytes() for p in (work / "models").rglob("*") if p.is_file()}
+    metrics = (work / "metrics/teacher.json").read_text()
+    t0 = time.perf_counter()
+    out = run_stage("teacher", path, base)
+    assert time.perf_counter() - t0 < 15
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"MLFLOW_TRACKING_URI={base}" in lines[0] and "cannot reach" in lines[0], lines
+    assert {p: p.read_bytes() for p in (work / "models").rglob("*") if p.is_file()} == before
+    assert (work / "metrics/teacher.json").read_text() == metrics
+    assert json.loads(metrics)["test_accuracy"] > 0
