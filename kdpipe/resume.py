@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 from dataclasses import dataclass, field
-import os
 from pathlib import Path
 
 import torch
