@@ -1,8 +1,8 @@
 """One training loop for every stage: teacher, scratch student and distilled student.
 
 Splits that fit live on the training device as uint8 (whole-dataset-on-device, as airbench does) and batches are
-cut by index; larger splits stay on disk and the same index batches are read ahead by DataLoader workers
-(kdpipe.ondisk). Either way batches are augmented on the device. The loss is a pluggable function so
+cut by index; larger splits stay on disk and the same index batches are read through a DataLoader
+(kdpipe.ondisk: workers read ahead on a GPU). Either way batches are augmented on the device. The loss is a pluggable function so
 distillation reuses the same loop, schedule and early stopping as the scratch baseline.
 """
 
@@ -305,7 +305,7 @@ class _Trainer:
 
 def _reader(train: Split | None, rt: Runtime):
     """How a training pass reads its index batches: cut from the tensors on the device, or, for a split on disk,
-    read ahead by DataLoader workers (one stream per fit: its workers persist across epochs)."""
+    read through a DataLoader (one stream per fit: its workers, if any, persist across epochs)."""
     if train is not None and train.streamed:
         from kdpipe.ondisk import BatchStream
 
