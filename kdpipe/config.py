@@ -225,6 +225,9 @@ class RuntimeConfig(_Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     channels_last: bool = True  # NHWC memory layout for convolutional models and their inputs
     compile: bool = False  # torch.compile the models (pays only on long runs: compile time is minutes)
+    # teacher, scratch and distill as N data-parallel processes (torch.distributed: gloo on CPU, NCCL on GPUs)
+    processes: int = Field(default=1, ge=1, le=1024)
+    sync_batchnorm: bool = False  # with processes > 1: BatchNorm statistics over the global batch (SyncBatchNorm)
 
 
 class PathsConfig(_Section):
@@ -256,6 +259,9 @@ class Config(_Section):
     def _teacher_outputs_fit_the_method(self) -> Config:
         from kdpipe.losses import FEATURE_TERMS, needs_features
 
+        if self.runtime.processes > 1 and self.distill.resolved_weights().get("crd"):
+            raise ValueError(f"runtime.processes: CRD's memory banks live in one process; set runtime.processes: 1 "
+                             f"for method crd (got {self.runtime.processes})")
         if self.teacher.ensemble > 1 and needs_features(self.distill.resolved_weights()):
             raise ValueError(f"distill.method: {self.distill.method} needs one teacher's features "
                              f"({', '.join(FEATURE_TERMS)}), and teacher.ensemble {self.teacher.ensemble} averages "

@@ -1,8 +1,8 @@
 """One training loop for every stage: teacher, scratch student and distilled student.
 
 Splits that fit live on the training device as uint8 (whole-dataset-on-device, as airbench does) and batches are
-cut by index; larger splits stay on disk and the same index batches are read ahead by DataLoader workers
-(kdpipe.ondisk). Either way batches are augmented on the device. The loss is a pluggable function so
+cut by index; larger splits stay on disk and the same index batches are read through a DataLoader
+(kdpipe.ondisk: workers read ahead on a GPU). Either way batches are augmented on the device. The loss is a pluggable function so
 distillation reuses the same loop, schedule and early stopping as the scratch baseline.
 """
 
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from kdpipe import losses
+from kdpipe import distributed, losses
 from kdpipe.config import TrainConfig
 from kdpipe.data import Split, augment_batch, to_float
 from kdpipe.errors import UserError
@@ -192,6 +192,7 @@ class _Trainer:
     aug_gen: torch.Generator  # on the training device: crops and flips
     scaler: torch.amp.GradScaler | None  # fp16 only
     read: Callable[[Split, Iterable[torch.Tensor]], Iterator[tuple]]  # index batches → (idx, uint8 x, y)
+    net: nn.Module  # the model the loss calls: itself, or under DDP in a data-parallel run
     seed: int = 0
     desc: str = "train"  # names the run in errors ("distill seed 1")
     start_loss: float | None = None  # median loss over the run's first START_STEPS steps
@@ -203,7 +204,8 @@ class _Trainer:
         params = [p for m in modules for p in m.parameters() if p.requires_grad]
         return cls(modules, make_optimizer(params, cfg), objective.loss_fn or cross_entropy_loss(cfg.label_smoothing),
                    objective.augment or _recipe_augment(cfg), cfg, rt, torch.Generator().manual_seed(seed),
-                   rt.generator(seed + 1), rt.grad_scaler(), _reader(train, rt), seed, desc)
+                   rt.generator(seed + 1), rt.grad_scaler(), _reader(train, rt),
+                   distributed.wrap(model, rt.device, rt.sync_batchnorm), seed, desc)
 
     def train_epoch(self, train: Split, pool: torch.Tensor, epoch: int) -> dict:
         """One pass over `pool`; returns the epoch's mean loss parts, train accuracy and last lr."""
@@ -218,14 +220,17 @@ class _Trainer:
             lr = cfg.lr * lr_factor(epoch + i / n_batches, cfg)
             logits, y, parts = self.step(idx, xb, yb, lr)
             for name, value in parts.items():  # sums as tensors: one host sync per epoch, not per step
-                sums[name] = sums.get(name, 0.0) + value.detach().float() * len(idx)
+                sums[name] = sums.get(name, 0.0) + value.detach().float() * len(y)
                 steps.setdefault(name, []).append(value.detach().float())
             correct += (logits.argmax(1) == y).sum()
-            seen += len(idx)
-        self.check_divergence({name: torch.stack(values).cpu() for name, values in steps.items()}, epoch)
-        row = {f"train_{k}": (v / max(seen, 1)).item() for k, v in sums.items()}
-        row["train_accuracy"] = float(correct) / max(seen, 1)
+            seen += len(y)
+        # Ranks train on shards of each batch: the epoch's figures (and the divergence verdict) are their mean.
+        self.check_divergence({name: distributed.average(torch.stack(values)).cpu() for name, values in steps.items()},
+                              epoch)
+        row = {f"train_{k}": distributed.average(v / max(seen, 1)).item() for k, v in sums.items()}
+        row["train_accuracy"] = distributed.average(torch.tensor(float(correct) / max(seen, 1))).item()
         row["lr"] = lr
+        distributed.sync_buffers(self.modules[0])  # BatchNorm statistics: rank 0's, so every rank scores alike
         return row
 
     def state(self, epochs_done: int, result: FitResult, best_state: list | None, best_key: tuple) -> dict:
@@ -278,16 +283,21 @@ class _Trainer:
         for group in self.opt.param_groups:
             group["lr"] = lr
         x = to_float(xb.to(self.rt.device, non_blocking=True))
+        # Every rank augments the whole batch with the same generator, then trains on its shard: the views and the
+        # random stream are those of one process (shard is the identity there).
         x, rows = self.augment(x, idx, self.aug_gen)
-        y = yb.to(self.rt.device, non_blocking=True)
+        x, rows = distributed.shard(x), distributed.shard(rows)
+        y = distributed.shard(yb).to(self.rt.device, non_blocking=True)
         with self.rt.autocast():
-            logits, parts = self.loss_fn(self.modules[0], self.rt.layout(x), y, rows)
+            logits, parts = self.loss_fn(self.net, self.rt.layout(x), y, rows)
         self.opt.zero_grad(set_to_none=True)
         if self.scaler is None:
             parts["loss"].backward()
+            distributed.average_gradients(self.modules[1:])
             self.opt.step()
         else:  # fp16: scale the loss up so small gradients survive, unscale before the step, skip on inf
             self.scaler.scale(parts["loss"]).backward()
+            distributed.average_gradients(self.modules[1:])
             self.scaler.step(self.opt)
             self.scaler.update()
         return logits, y, parts
@@ -295,7 +305,7 @@ class _Trainer:
 
 def _reader(train: Split | None, rt: Runtime):
     """How a training pass reads its index batches: cut from the tensors on the device, or, for a split on disk,
-    read ahead by DataLoader workers (one stream per fit: its workers persist across epochs)."""
+    read through a DataLoader (one stream per fit: its workers, if any, persist across epochs)."""
     if train is not None and train.streamed:
         from kdpipe.ondisk import BatchStream
 
@@ -330,7 +340,10 @@ def _restore(modules: list[nn.Module], state: list[dict] | None) -> None:
 
 
 def _progress(total: int, desc: str) -> Callable[[dict], None]:
-    """A tqdm bar on a terminal; one plain line per epoch in logs (DVC, Prefect, CI)."""
+    """A tqdm bar on a terminal; one plain line per epoch in logs (DVC, Prefect, CI); nothing from data-parallel
+    ranks other than 0."""
+    if not distributed.is_main():
+        return lambda row: None
     if sys.stderr.isatty():
         from tqdm import tqdm
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,7 +78,8 @@ class Resume:
             print(f"{self.stage}: resumed at seed {seed}, epoch {current['epoch'] + 1}", file=sys.stderr, flush=True)
 
     def remove(self) -> None:
-        self.path.unlink(missing_ok=True)
+        if os.environ.get("RANK", "0") == "0":  # data-parallel: rank 0 owns the state, as it owns the outputs
+            self.path.unlink(missing_ok=True)
 
     def _write(self) -> None:
         from kdpipe.artifacts import save_torch

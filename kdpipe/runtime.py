@@ -25,6 +25,7 @@ class Runtime:
     precision: str = "fp32"  # resolved: fp32 | bf16 | fp16 (autocast dtype of forward passes; losses stay fp32)
     channels_last: bool = False  # NHWC layout for 4-D weights and image batches
     compile: bool = False  # torch.compile each model prepare() is given
+    sync_batchnorm: bool = False  # data-parallel runs: SyncBatchNorm in the trained model (runtime.sync_batchnorm)
 
     def exact(self) -> Runtime:
         """This runtime in fp32: for the scores a stage reports, so that they are the scores of the fp32 weights
@@ -125,13 +126,20 @@ def setup(seed: int, device: str | None = None, cfg: RuntimeConfig | None = None
     cannot honour is a ConfigError naming the variable or param."""
     cfg = cfg or RuntimeConfig()
     dev = pick_device(device)
-    rt = Runtime(dev, resolve_precision(cfg.precision, dev), cfg.channels_last, cfg.compile)
+    if "RANK" in os.environ and "MASTER_ADDR" in os.environ:  # a torchrun rank: join the group, take its GPU
+        from kdpipe import distributed
+
+        dev = distributed.init(dev)
+    rt = Runtime(dev, resolve_precision(cfg.precision, dev), cfg.channels_last, cfg.compile, cfg.sync_batchnorm)
     threads = os.environ.get("KDPIPE_THREADS")
     if threads:
         if not threads.isdigit() or int(threads) < 1:
             raise ConfigError(f"KDPIPE_THREADS={threads!r}: must be a whole number >= 1; fix or unset it")
         # Two jobs sharing few cores each with all threads thrash at every op barrier (10x slower measured).
         torch.set_num_threads(int(threads))
+    elif dev.type == "cpu" and "LOCAL_WORLD_SIZE" in os.environ:
+        # Ranks sharing a host's cores: each with every core oversubscribes (half the speed, measured on 2 cores).
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["LOCAL_WORLD_SIZE"])))
     seed_everything(seed)
     if dev.type == "cpu":
         # Deterministic kernels cost little on CPU and make a rerun give the same numbers. The kernel switch

@@ -10,23 +10,46 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 from typing import NoReturn
 
 from kdpipe.config import DEFAULT_PARAMS, Config, load
 from kdpipe.errors import EXIT_USER_ERROR, UserError
 from kdpipe.paths import Paths
 
+RANK_ERRORS_ENV = "KDPIPE_RANK_ERRORS"  # set by distributed.launch: where a failing rank leaves its error
+
+
+def report_error(stage: str, message: str) -> None:
+    """A user error as one line on stderr; in a rank that distributed.launch started, a file the launcher reads
+    (it prints the first failing rank's line once, naming the rank)."""
+    folder = os.environ.get(RANK_ERRORS_ENV)
+    if folder:
+        Path(folder, f"rank{os.environ.get('RANK', '0')}.txt").write_text(message)
+    else:
+        print(f"kdpipe {stage}: error: {message}", file=sys.stderr)
+
+
+DATA_PARALLEL = ("teacher", "scratch", "distill")  # the stages runtime.processes > 1 runs under torch.distributed
+
 
 def run_stage(stage: str, work: Callable[[Config], object], argv: list[str] | None = None) -> int:
-    """Parse `--params`, validate them before anything is touched, then run `work(cfg)`."""
+    """Parse `--params`, validate them before anything is touched, then run `work(cfg)`: in this process, or,
+    for a training stage with runtime.processes > 1, in that many ranks launched as torchrun does."""
     parser = argparse.ArgumentParser(prog=f"python -m kdpipe.stages.{stage}")
     parser.add_argument("--params", default=os.environ.get("KDPIPE_PARAMS", DEFAULT_PARAMS))
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
     try:
-        work(load(args.params))
+        cfg = load(args.params)
+        if cfg.runtime.processes > 1 and stage in DATA_PARALLEL and "RANK" not in os.environ:
+            from kdpipe import distributed
+
+            preflight(cfg)  # an unreachable MLflow server fails here, once, not in every rank
+            return distributed.launch(stage, args.params, cfg.runtime.processes)
+        work(cfg)
     except UserError as e:
-        print(f"kdpipe {stage}: error: {e}", file=sys.stderr)
+        report_error(stage, str(e))
         return EXIT_USER_ERROR
     _record_timing(stage, time.perf_counter() - t0)
     return 0

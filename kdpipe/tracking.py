@@ -222,6 +222,24 @@ class StageRun:
         self._mlflow.log_artifact(str(path), artifact_path=artifact_path)
 
 
+class NullRun:
+    """What a rank other than 0 logs into: nothing."""
+
+    run_id = None
+
+    def log_epoch(self, row: dict, prefix: str = "") -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], prefix: str = "") -> None:
+        pass
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        pass
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        pass
+
+
 def redacted_params(params: dict) -> dict[str, str]:
     """Params as MLflow logs them (str values) for anyone who can read the store: credentials in URIs masked
     (scheme://user:token@host → scheme://***@host; ?token=, ?…Signature=, ?…Key= values → ***) and the user's
@@ -243,7 +261,11 @@ def redacted_params(params: dict) -> dict[str, str]:
 def stage_run(
     stage: str, cfg: Config, *, tags: dict[str, str] | None = None, root: Path | None = None
 ) -> Iterator[StageRun]:
-    """Start the MLflow run of one stage execution: flattened params, git/stage tags, system metrics."""
+    """Start the MLflow run of one stage execution: flattened params, git/stage tags, system metrics. In a
+    data-parallel rank other than 0, a run that logs nothing: one stage execution is one MLflow run."""
+    if os.environ.get("RANK", "0") != "0":
+        yield NullRun()
+        return
     mlflow = import_mlflow()
 
     root = (root or Path.cwd()).resolve()

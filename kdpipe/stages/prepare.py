@@ -28,9 +28,10 @@ def dataset_root(cfg: Config) -> Path:
 def prepare(cfg: Config, path: Path) -> dict:
     """Worker: load, split and summarise the configured dataset. Files are written only for an image folder,
     whose split arrays are streamed to temporary names beside `path` (Paths.dataset) for save_prepared."""
+    import os
+
     from kdpipe.data import prepare_dataset, subset
     from kdpipe.datasets import load_raw
-    import os
 
     if cfg.data.dataset == "imagefolder":
         from kdpipe.imagefolder import prepare_to_disk
