@@ -40,7 +40,12 @@ EPOCHS = 2
 
 def write_folders() -> None:
     """png70k/ (every image) and png10k/ (the first 10,000), written once in parallel; kept between runs."""
-    from kdpipe.datasets import FASHION_MNIST_CLASSES, FASHION_MNIST_SYSTEM_DIR, _fashion_files, _read_idx_pair
+    from kdpipe.datasets import (
+        FASHION_MNIST_CLASSES,
+        FASHION_MNIST_SYSTEM_DIR,
+        _fashion_files,
+        _read_idx_pair,
+    )
 
     files = _fashion_files(FASHION_MNIST_SYSTEM_DIR)
     train = _read_idx_pair(files["train_images"], files["train_labels"])
