@@ -74,9 +74,11 @@ bench-speed: venv
 	python bench/overhead.py
 	python bench/memory.py
 
-# Prefect (flows/, prefect.yaml). `make prefect-server` in one terminal, then in another:
-#   export PREFECT_API_URL=http://127.0.0.1:4200/api; make deploy; prefect worker start --pool kdpipe-process
-.PHONY: prefect-server deploy bench-flow
+# Prefect (flows/, prefect.yaml) and DVC remotes. Once per repository: `make remote REMOTE=<url or folder>`, commit
+# .dvc/config. `make prefect-server` in one terminal, then, with the same PREFECT_API_URL everywhere:
+#   export PREFECT_API_URL=http://127.0.0.1:4200/api; make deploy     # registers; workers clone origin's branch
+#   make worker                     # on each machine that should run flows (LIMIT=1 runs at once by default)
+.PHONY: prefect-server deploy bench-flow remote worker
 
 prefect-server: venv
 	prefect server start --host 127.0.0.1 --port 4200
@@ -89,3 +91,18 @@ deploy: venv
 
 bench-flow: venv
 	python bench/flow_overhead.py
+
+# The default DVC remote, named "store", in .dvc/config (committed, so clones and workers have it); credentials
+# belong in .dvc/config.local (`dvc remote modify --local store ...`), never in the committed file.
+remote: venv
+	@[ -n "$(REMOTE)" ] || { echo "make remote: set REMOTE to a URL or a folder, e.g. make remote REMOTE=s3://bucket/kdpipe" >&2; exit 2; }
+	dvc remote add --default --force store '$(REMOTE)'
+	@echo "default DVC remote: store -> $$(dvc config remote.store.url); commit .dvc/config, then dvc push"
+
+# A worker of the process pool: each flow run clones the repository into a temporary folder (prefect.yaml's pull
+# steps), so start it anywhere. LIMIT runs at once (default 1: one GPU, and sweep points spread over workers);
+# NAME names it in the UI. Runs log to MLFLOW_TRACKING_URI when set here: give every worker the same, shared store.
+worker: venv
+	@python -c "from prefect.settings import PREFECT_API_URL as u; raise SystemExit(0 if u.value() else \
+	  'make worker: set PREFECT_API_URL first, e.g. http://127.0.0.1:4200/api (the server the deployments are on)')"
+	prefect worker start --pool kdpipe-process --limit $(or $(LIMIT),1) $(if $(NAME),--name '$(NAME)')

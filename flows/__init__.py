@@ -1,4 +1,5 @@
-"""Prefect orchestration of the DVC pipeline: `kd-pipeline` (flows/pipeline.py) and `kd-sweep` (flows/sweep.py).
+"""Prefect orchestration of the DVC pipeline: `kd-pipeline` (flows/pipeline.py) and `kd-sweep` with its
+points on workers, `kd-sweep-point` (flows/sweep.py); flows/source.py tells `prefect deploy` what workers clone.
 
 Flows only orchestrate: every stage runs as its own process through DVC, so DVC decides what is up to date
 and `dvc.lock` records what ran. The defaults below keep Prefect, DVC and MLflow quiet and offline-safe in

@@ -133,6 +133,40 @@ def lock_digest(root: Path) -> str:
     return hashlib.sha256(lock.read_bytes()).hexdigest() if lock.exists() else "none"
 
 
+def default_remote(root: Path, env: dict[str, str]) -> str | None:
+    """The name of the default DVC remote (`dvc remote add -d`, `make remote`), or None when none is set."""
+    out = subprocess.run([dvc(), "remote", "default"], cwd=root, env=env, capture_output=True, text=True)
+    name = out.stdout.strip() if out.returncode == 0 else ""  # exit 1 and "No default remote set" when none
+    return name or None
+
+
+def remote_url(root: Path, env: dict[str, str], name: str) -> str:
+    """The URL (or path) of DVC remote `name`, as its config holds it."""
+    out = subprocess.run([dvc(), "config", f"remote.{name}.url"], cwd=root, env=env, capture_output=True, text=True)
+    return out.stdout.strip() or "?"
+
+
+def pull_args(stages: list[str] | None) -> list[str]:
+    """`dvc pull` of what the run needs: the stages' outputs and their upstream's, or every output in dvc.lock.
+    No --allow-missing: with it, an unreachable remote reads as "missing" and the run silently retrains."""
+    return ["pull", "--with-deps", *stages] if stages else ["pull"]
+
+
+def error_summary(lines: list[str]) -> str:
+    """A failed DVC command's error as one line: its ERROR line and the paths listed under it, else its last line."""
+    for i, line in enumerate(lines):
+        if line.startswith("ERROR:"):
+            listed = [s.strip() for s in lines[i + 1:] if s.strip() and not s.startswith(("Is your", "<http"))]
+            return " ".join([line.removeprefix("ERROR:").strip(), ", ".join(listed)]).strip()
+    return lines[-1] if lines else "no output"
+
+
+def is_shallow(root: Path) -> bool:
+    """Whether `root` is a shallow git clone (Prefect's git_clone step makes one: `--depth 1`)."""
+    out = subprocess.run(["git", "rev-parse", "--is-shallow-repository"], cwd=root, capture_output=True, text=True)
+    return out.stdout.strip() == "true"
+
+
 def experiment_metrics(root: Path, env: dict[str, str], metric_file: str, metric: str) -> dict[str, float | None]:
     """`dvc exp show --json` reduced to {experiment name: metric value} for the experiments of HEAD."""
     out = subprocess.run([dvc(), "exp", "show", "--json"], cwd=root, env=env, capture_output=True, text=True,

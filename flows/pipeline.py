@@ -4,17 +4,22 @@ A plain run is one task per stage, named after it, in DVC's dependency order (`d
 runs: a stage that `dvc status` names, or whose upstream just changed, runs `dvc repro --single-item <stage>`
 (its output streamed into the task's logs, `dvc.lock` recording it); the others end at once in a Completed
 state with the message "up to date". A run with param overrides is one `dvc exp run -S ...` task named after
-the experiment: DVC records one experiment per run, so that run cannot be cut per stage.
+the experiment: DVC records one experiment per run, so that run cannot be cut per stage. With `pull`, a
+`dvc pull` from the default DVC remote comes first: a fresh clone (a worker's) restores what was built elsewhere
+instead of rebuilding it; with `push`, a `dvc push` comes last.
 
     python -m flows.pipeline                          # every stage, DVC skips what is up to date
     python -m flows.pipeline --stages teacher --force # rerun teacher (upstream only if out of date)
     python -m flows.pipeline -S teacher.lr=0.1        # a recorded DVC experiment; params.yaml is not hand-edited
+    python -m flows.pipeline --pull --push            # restore from the DVC remote first, send results back after
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import socket
 import sys
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -36,6 +41,13 @@ UP_TO_DATE = "up to date"
 
 class StageFailed(RuntimeError):
     """A DVC command failed: the message names the stage (or experiment) and quotes its last lines."""
+
+
+def where_tags(root: Path) -> dict[str, str]:
+    """Where a run ran, for its MLflow run: runs come from many machines and throwaway clones once workers run
+    them (the worker's name is in the environment of the runs it starts)."""
+    worker = os.environ.get("PREFECT__WORKER_NAME")
+    return {"host": socket.gethostname(), "workdir": str(root), **({"prefect_worker": worker} if worker else {})}
 
 
 def stage_logger(name: str) -> logging.Logger:
@@ -114,6 +126,25 @@ def run_experiment(name: str, overrides: dict[str, Any], stages: list[str] | Non
     return {name: state.message}
 
 
+def require_remote(root: Path, env: dict[str, str], why: str) -> str:
+    """The default DVC remote's name; without one, fail before any work, saying how to set one."""
+    remote = _dvc.default_remote(root, env)
+    if remote is None:
+        raise ValueError(f"{why}: no default DVC remote in {root / '.dvc/config'}; "
+                          "set one with `make remote REMOTE=<url or path>` (or `dvc remote add -d NAME URL`)")
+    return remote
+
+
+@task(name="dvc pull", task_run_name="dvc pull", cache_policy=NO_CACHE)
+def dvc_pull(stages: list[str] | None, remote: str, root: Path, env: dict[str, str]) -> None:
+    """Restore, from the default DVC remote, the outputs that dvc.lock names for `stages` and their upstream
+    (default all): stages whose outputs come back are then up to date. I/O, so this step retries too."""
+    out = _dvc.run(_dvc.pull_args(stages), root, env, stage_logger("pull").info)
+    if out.returncode != 0:
+        url = _dvc.remote_url(root, env, remote)
+        raise StageFailed(f"dvc pull from remote '{remote}' ({url}) failed: {_dvc.error_summary(out.lines)}")
+
+
 @task(name="dvc push", task_run_name="dvc push", cache_policy=NO_CACHE)
 def dvc_push(root: Path, env: dict[str, str]) -> None:
     """Send the run's outputs to the default DVC remote: I/O, so this is the step that retries."""
@@ -124,25 +155,29 @@ def dvc_push(root: Path, env: dict[str, str]) -> None:
 
 @flow(name="kd-pipeline")
 def kd_pipeline(stages: list[str] | None = None, force: bool = False, overrides: dict[str, Any] | None = None,
-                push: bool = False, retries: int = 2, repo: str = ".") -> dict[str, Any]:
+                pull: bool = False, push: bool = False, retries: int = 2, repo: str = ".") -> dict[str, Any]:
     """Bring the pipeline up to date through DVC (or run an experiment when `overrides` are given), with
     every stage's MLflow run nested under one parent run named after this flow run.
 
     stages: stage names from dvc.yaml (default all); force: rerun them even when up to date;
-    overrides: {"teacher.lr": 0.1, ...} run as one `dvc exp run -S`; push: `dvc push` after success,
-    with `retries`; repo: the DVC repository (default the working directory).
+    overrides: {"teacher.lr": 0.1, ...} run as one `dvc exp run -S`; pull: `dvc pull` from the default DVC
+    remote first; push: `dvc push` after success; both with `retries`; repo: the DVC repository (default the
+    working directory).
     """
     root = Path(repo).resolve()
     cfg = load(root / DEFAULT_PARAMS)
+    remote = require_remote(root, _dvc.environment(), "dvc pull" if pull else "dvc push") if pull or push else None
     run = get_run_context().flow_run
     parent = tracking.start_parent_run(run.name, cfg, root=root, tags={
-        "prefect_flow": "kd-pipeline", "prefect_flow_run_id": str(run.id),
+        "prefect_flow": "kd-pipeline", "prefect_flow_run_id": str(run.id), **where_tags(root),
         **({"dvc_experiment": run.name, "dvc_overrides": str(overrides)} if overrides else {})})
     # Absolute tracking URI: an experiment may run in another directory, where a relative store is lost.
     env = _dvc.environment(MLFLOW_TRACKING_URI=tracking.tracking_uri(cfg.tracking, root),
                            **{tracking.PARENT_RUN_ENV: parent})
     ok = False
     try:
+        if pull:  # before `dvc status`, so that it sees the restored outputs
+            dvc_pull.with_options(retries=retries, retry_delay_seconds=RETRY_DELAY_S)(stages, remote, root, env)
         if overrides:
             results = run_experiment(run.name, overrides, stages, force, root, env)
         else:
@@ -177,13 +212,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="rerun the stages even when up to date")
     parser.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="param override; any makes the run one DVC experiment")
+    parser.add_argument("--pull", action="store_true", help="dvc pull from the default DVC remote first")
     parser.add_argument("--push", action="store_true", help="dvc push after a successful run")
-    parser.add_argument("--retries", type=int, default=2, help="retries of the push")
+    parser.add_argument("--retries", type=int, default=2, help="retries of the pull and of the push")
     parser.add_argument("--repo", default=".", help="the DVC repository (default: here)")
     args = parser.parse_args(argv)
     with no_heartbeat():
         state = kd_pipeline(stages=args.stages, force=args.force, overrides=parse_set(args.overrides) or None,
-                            push=args.push, retries=args.retries, repo=args.repo, return_state=True)
+                            pull=args.pull, push=args.push, retries=args.retries, repo=args.repo,
+                            return_state=True)
     if not state.is_completed():
         print(f"kd-pipeline: {state.name}: {state.message}", file=sys.stderr)
         return 1

@@ -1,10 +1,13 @@
 """The Prefect layer for real: kd-pipeline and kd-sweep on a fresh git+DVC repo with tiny params, against a
-Prefect API (one `prefect_test_harness` per session), with MLflow lineage, a local DVC remote, and the nightly
-deployment registered by `prefect deploy` and run by a `prefect worker` that the test starts and stops.
+Prefect API (one `prefect_test_harness` per session), with MLflow lineage and a local DVC remote; then beyond
+one checkout: a fresh clone restoring from the remote, the deployments registered by `prefect deploy` with
+their git pull steps and run by `prefect worker`s (started and stopped by the tests) in clones of their own,
+and a sweep whose points spread over two workers.
 
 The tests share one repo (module scope) and one first pipeline run on it (`first_run`, whose results are
-committed as the baseline by `built`); every test that changes the workspace restores the baseline, so each
-test also runs alone (`-k`).
+committed as the baseline by `built`, pushed to the local DVC remote, and cloned bare as the workers' git
+remote by `bare`); every test that changes the workspace restores the baseline, so each test also runs alone
+(`-k`). Tests of the set-up files alone (prefect.yaml, Dockerfile, Makefile targets) are in test_scaleout.py.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from flows.sweep import best_point, grid_points, kd_sweep, parse_grid  # noqa: E
 # that the flow finds every stage of dvc.yaml is checked by test_stage_graph_follows_dvc.
 STAGES = ["teacher"]
 POOL = "kdpipe-process"
+PREFECT = str(Path(sys.executable).parent / "prefect")
 
 
 # ---------------------------------------------------------------- fast: the pure helpers
@@ -128,6 +132,15 @@ def built(repo, first_run):
     assert first_run.is_completed(), f"the first pipeline run failed: {first_run.message}"
     _commit(repo, "results")
     return repo
+
+
+@pytest.fixture(scope="module")
+def bare(built, tmp_path_factory) -> tuple[str, str]:
+    """The baseline as a bare git repository, the workers' `origin`: (its file:// URL, the branch)."""
+    path = tmp_path_factory.mktemp("git") / "kdpipe.git"
+    _git(built, "clone", "-q", "--bare", str(built), str(path))
+    branch = _sh(["git", "symbolic-ref", "--short", "HEAD"], built).stdout.strip()
+    return path.as_uri(), branch
 
 
 def flow_run_id(state):
@@ -237,6 +250,45 @@ def test_cli_entry_point(built, prefect_api):
 
 
 @pytest.mark.slow
+def test_fresh_clone_restores_from_the_remote_and_retrains_nothing(built, tmp_path):
+    clone = tmp_path / "clone"
+    _git(tmp_path, "clone", "-q", str(built), str(clone))  # .dvc/config, and so the remote, comes along
+    assert not (clone / "models/teacher.pt").exists()
+    lock = _dvc.lock_digest(built)
+
+    # A remote without the outputs: one line naming the remote and what is missing; nothing is trained.
+    empty = tmp_path / "empty-remote"
+    _sh([_dvc.dvc(), "remote", "modify", "local", "url", str(empty)], clone)
+    state = kd_pipeline(stages=STAGES, pull=True, retries=0, repo=str(clone), return_state=True)
+    assert state.is_failed() and "\n" not in state.message, state.message
+    assert f"dvc pull from remote 'local' ({empty}) failed" in state.message, state.message
+    assert "models/teacher.pt" in state.message, state.message
+    _git(clone, "checkout", "--", ".dvc/config")
+
+    state = kd_pipeline(stages=STAGES, pull=True, retries=0, repo=str(clone), return_state=True)
+    assert state.is_completed(), state.message
+    assert state.result()["results"] == {"prepare": "up to date", "teacher": "up to date"}
+    assert set(task_runs(flow_run_id(state))) == {"dvc pull", "prepare", "teacher"}
+    assert (clone / "models/teacher.pt").exists() and _dvc.lock_digest(clone) == lock
+
+    # The same with DVC alone, in a second clone: `dvc repro --pull` runs no stage.
+    plain = tmp_path / "plain"
+    _git(tmp_path, "clone", "-q", str(built), str(plain))
+    out = _sh([_dvc.dvc(), "repro", "--pull", *STAGES], plain).stdout
+    assert "Running stage" not in out and (plain / "models/teacher_outputs.pt").exists(), out
+
+
+@pytest.mark.slow
+def test_pull_without_a_remote_fails_before_any_work(built, tmp_path):
+    clone = tmp_path / "clone"
+    _git(tmp_path, "clone", "-q", str(built), str(clone))
+    _sh([_dvc.dvc(), "remote", "remove", "local"], clone)
+    state = kd_pipeline(stages=STAGES, pull=True, repo=str(clone), return_state=True)
+    assert state.is_failed() and "no default DVC remote" in state.message and "make remote" in state.message
+    assert task_runs(flow_run_id(state), timeout=2) == {}  # failed before the first task
+
+
+@pytest.mark.slow
 def test_failing_stage_fails_the_flow_with_its_name(built):
     repo = built
     params = repo / "params.yaml"
@@ -340,41 +392,157 @@ def _stop(proc: subprocess.Popen) -> None:
             continue
 
 
-@pytest.mark.slow
-def test_nightly_deployment_registers_and_a_worker_runs_it(built, prefect_api, tmp_path):
-    repo = built
+def _deploy(repo: Path, name: str, bare: tuple[str, str], env: dict[str, str]) -> None:
+    """`prefect deploy` of one deployment of prefect.yaml, its workers cloning `bare` (file://) at its branch."""
     from prefect import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
-    from prefect.deployments import run_deployment
 
-    env = _dvc.environment(PREFECT_API_URL=prefect_api, PREFECT_WORKER_QUERY_SECONDS="1",
-                           PREFECT_HOME=str(tmp_path / "prefect-home"))
     with get_client(sync_client=True) as client:
         client.create_work_pool(WorkPoolCreate(name=POOL, type="process"), overwrite=True)
-    prefect = str(Path(sys.executable).parent / "prefect")
-    _sh([prefect, "--no-prompt", "deploy", "--name", "nightly"], repo, env=env, timeout=120)
+    deploy_env = {**env, "KDPIPE_GIT_URL": bare[0], "KDPIPE_GIT_REF": bare[1]}
+    _sh([PREFECT, "--no-prompt", "deploy", "--name", name], repo, env=deploy_env, timeout=120)
 
-    declared = yaml.safe_load((repo / "prefect.yaml").read_text())["deployments"][0]
+
+def _worker_env(tmp_path: Path, prefect_api: str, store: Path) -> dict[str, str]:
+    """A worker's environment: the test's API, polling every second, the shared MLflow store `store`, and no
+    install step (pip install -e would point this shared venv's kdpipe at a throwaway clone)."""
+    return _dvc.environment(PREFECT_API_URL=prefect_api, PREFECT_WORKER_QUERY_SECONDS="1", KDPIPE_INSTALL="0",
+                            PREFECT_HOME=str(tmp_path / "prefect-home"), MLFLOW_TRACKING_URI=f"sqlite:///{store}")
+
+
+def _start_worker(name: str, cwd: Path, env: dict[str, str]) -> subprocess.Popen:
+    """`prefect worker start` in `cwd`, one run at a time, in its own session (so _stop takes its whole tree)."""
+    cwd.mkdir(parents=True, exist_ok=True)
+    with (cwd / "worker.log").open("w") as log:
+        return subprocess.Popen([PREFECT, "worker", "start", "--pool", POOL, "--name", name, "--limit", "1"],
+                                cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _wait_for_workers(names: set[str], timeout: float = 60) -> None:
+    """Until every named worker has polled the pool: runs submitted earlier could all go to the first one."""
+    from prefect import get_client
+
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while {w.name for w in client.read_workers_for_work_pool(POOL)} < names:
+            assert time.monotonic() < deadline, f"workers {names} did not come online in {timeout} s"
+            time.sleep(0.5)
+
+
+def _wait_for_run(run_id, timeout: float):
+    from prefect import get_client
+
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while not (state := client.read_flow_run(run_id).state).is_final() and time.monotonic() < deadline:
+            time.sleep(1)
+    return state
+
+
+def _logs(*dirs: Path) -> str:
+    return "\n".join((d / "worker.log").read_text()[-2000:] for d in dirs if (d / "worker.log").exists())
+
+
+@pytest.mark.slow
+def test_nightly_deployment_with_pull_steps_runs_on_a_worker_elsewhere(built, bare, prefect_api, tmp_path):
+    from prefect import get_client
+    from prefect.deployments import run_deployment
+
+    store = tmp_path / "shared-mlflow.db"
+    env = _worker_env(tmp_path, prefect_api, store)
+    _deploy(built, "nightly", bare, env)
+
+    declared = yaml.safe_load((built / "prefect.yaml").read_text())["deployments"][0]
     with get_client(sync_client=True) as client:
         deployment = client.read_deployment_by_name("kd-pipeline/nightly")
     assert deployment.schedules[0].schedule.cron == "0 3 * * *"
     assert deployment.parameters == declared["parameters"]
-    assert deployment.work_pool_name == POOL
+    assert deployment.work_pool_name == POOL and deployment.global_concurrency_limit.limit == 1
+    assert deployment.concurrency_options.collision_strategy == "ENQUEUE"  # a second run waits for the first
+    clone_step = deployment.pull_steps[0]["prefect.deployments.steps.git_clone"]
+    assert (clone_step["repository"], clone_step["branch"]) == bare  # resolved at deploy time by the build steps
 
-    log = (tmp_path / "worker.log").open("w")
-    worker = subprocess.Popen([prefect, "worker", "start", "--pool", POOL], cwd=tmp_path, env=env,
-                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    worker_dir = tmp_path / "elsewhere"  # not the repo: the run clones the bare repo into a temporary folder
+    worker = _start_worker("nightly-worker", worker_dir, env)
     try:
-        run = run_deployment("kd-pipeline/nightly", parameters={"stages": STAGES}, timeout=0)
-        deadline = time.monotonic() + 150
-        with get_client(sync_client=True) as client:
-            while not (state := client.read_flow_run(run.id).state).is_final() and time.monotonic() < deadline:
-                time.sleep(1)
+        run = run_deployment("kd-pipeline/nightly", parameters={"stages": STAGES, "retries": 0}, timeout=0)
+        state = _wait_for_run(run.id, timeout=150)
     finally:
         _stop(worker)
-        log.close()
-    assert state.is_completed(), f"{state.name}: {state.message}\n{(tmp_path / 'worker.log').read_text()[-3000:]}"
+    assert state.is_completed(), f"{state.name}: {state.message}\n{_logs(worker_dir)}"
     tasks = task_runs(run.id)
-    assert {name: s.message for name, s in tasks.items()} == {"prepare": "up to date", "teacher": "up to date"}
-    # It ran in the checkout `prefect deploy` was run from: its MLflow parent run is in that repo's store.
-    assert mlflow_runs(repo, f"tags.prefect_flow_run_id = '{run.id}'")
+    assert set(tasks) == {"dvc pull", "prepare", "teacher", "dvc push"} and all(s.is_completed() for s in tasks.values())
+    assert tasks["prepare"].message == tasks["teacher"].message == "up to date"  # restored by the pull, not retrained
+    (parent,) = _mlflow_runs(store, f"tags.prefect_flow_run_id = '{run.id}'")  # in the shared store
+    workdir = Path(parent.data.tags["workdir"])
+    assert workdir.name == f"kdpipe-{bare[1]}" and workdir != built, workdir  # git_clone's folder name
+    assert parent.data.tags["prefect_worker"] == "nightly-worker"
+
+
+@pytest.mark.slow
+def test_sweep_points_spread_over_two_workers_and_the_best_is_named(built, bare, prefect_api, tmp_path):
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+
+    store = built / "mlflow.db"  # the store the sweep itself logs to (the repo's default): the workers share it
+    env = _worker_env(tmp_path, prefect_api, store)
+    _deploy(built, "point", bare, env)
+    dirs = [tmp_path / "w1", tmp_path / "w2"]
+    workers = [_start_worker(d.name, d, {**env, "PREFECT_HOME": str(d / "prefect-home")}) for d in dirs]
+    try:
+        _wait_for_workers({"w1", "w2"})
+        state = kd_sweep(grid={"teacher.lr": [0.02, 0.3]}, stages=STAGES, deployment="kd-sweep-point/point",
+                         pull=True, push=True, timeout_s=200, repo=str(built), return_state=True)
+    finally:
+        for worker in workers:
+            _stop(worker)
+    assert state.is_completed(), f"{state.message}\n{_logs(*dirs)}"
+    result = state.result()
+    points = result["points"]
+    values = {name: point["val_accuracy"] for name, point in points.items()}
+    assert len(values) == 2 and None not in values.values()
+    assert result["best_value"] == max(values.values()) and values[result["best_experiment"]] == result["best_value"]
+    assert sorted(p["prefect_worker"] for p in points.values()) == ["w1", "w2"]  # one point on each worker
+    assert len({p["workdir"] for p in points.values()}) == 2  # each in a clone of its own
+
+    with get_client(sync_client=True) as client:  # each point ran exactly once: one flow run, one teacher run
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=list(points))))
+    assert sorted(r.name for r in runs) == sorted(points) and all(r.state.is_completed() for r in runs)
+    (sweep,) = mlflow_runs(built, f"tags.prefect_flow_run_id = '{flow_run_id(state)}'")
+    assert sweep.data.tags["best_experiment"] == result["best_experiment"]
+    for point in mlflow_runs(built, f"tags.mlflow.parentRunId = '{sweep.info.run_id}'"):
+        stage_runs = mlflow_runs(built, f"tags.mlflow.parentRunId = '{point.info.run_id}'")
+        assert [r.info.run_name for r in stage_runs] == ["teacher"], point.info.run_name  # prepare was pulled
+        assert point.data.metrics["val_accuracy"] == values[point.info.run_name]
+    pushed = _sh(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], Path(bare[0].removeprefix("file://")))
+    assert sorted(ref.rsplit("/", 1)[1] for ref in pushed.stdout.split()) == sorted(points)  # dvc exp push
+
+
+@pytest.mark.slow
+def test_sweep_across_workers_refuses_an_unknown_deployment_and_stops_waiting_at_its_timeout(built, bare, prefect_api,
+                                                                                             tmp_path):
+    state = kd_sweep(grid={"teacher.lr": [0.1]}, deployment="kd-sweep-point/nope", repo=str(built), return_state=True)
+    assert state.is_failed() and "'kd-sweep-point/nope' is not registered" in state.message, state.message
+
+    _deploy(built, "point", bare, _worker_env(tmp_path, prefect_api, built / "mlflow.db"))
+    state = kd_sweep(grid={"teacher.lr": [0.1]}, stages=STAGES, deployment="kd-sweep-point/point", timeout_s=3,
+                     repo=str(built), return_state=True)  # no worker is running: the point stays Scheduled
+    assert state.is_failed() and "still Scheduled after 3 s; cancelled" in state.message, state.message
+    (sweep,) = mlflow_runs(built, f"tags.prefect_flow_run_id = '{flow_run_id(state)}'")
+    (point,) = mlflow_runs(built, f"tags.mlflow.parentRunId = '{sweep.info.run_id}'")
+    assert point.info.status == "FAILED"
+
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+
+    with get_client(sync_client=True) as client:  # cancelled, so that no worker starts it later
+        (run,) = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[point.info.run_name])))
+    assert run.state.name in ("Cancelling", "Cancelled"), run.state
+
+
+def _mlflow_runs(store: Path, query: str) -> list:
+    """Runs of experiment kdpipe in the sqlite store `store` matching `query`."""
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{store}")
+    return client.search_runs([client.get_experiment_by_name("kdpipe").experiment_id], query)
