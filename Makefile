@@ -9,7 +9,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: venv run test test-fast ui lint bench-quality bench-curriculum bench-views bench-methods bench-speed
+.PHONY: venv run test test-fast ui lint bench-quality bench-curriculum bench-views bench-methods bench-recipes bench-streaming bench-distributed bench-speed
 
 venv:
 	@want=$$(sha256sum pyproject.toml | cut -d' ' -f1); \
@@ -64,6 +64,17 @@ bench-views: venv
 
 bench-methods: venv
 	python bench/quality.py --methods
+
+bench-recipes: venv
+	python bench/quality.py --recipes
+
+# 70,000 Fashion-MNIST PNGs streamed from disk vs 10,000 and vs in memory (bench/streaming.py); 1 vs 2
+# data-parallel processes (bench/distributed.py). Each alone on the machine: they time things.
+bench-streaming: venv
+	python bench/streaming.py
+
+bench-distributed: venv
+	python bench/distributed.py
 
 # Speed against torchdistill (bench/speed.py), what `make run` costs beyond the stages' own work
 # (bench/overhead.py) and the distill stage's peak memory on Fashion-MNIST's 60k images (bench/memory.py), one
