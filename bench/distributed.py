@@ -51,11 +51,13 @@ def run_stage(stage: str, params: Path) -> None:
         raise SystemExit(f"{stage} failed:\n{out.stderr[-3000:]}")
 
 
+def train_images() -> int:
+    return json.loads((WORK / "data" / "prepared" / "meta.json").read_text())["sizes"]["train"]
+
+
 def rate() -> float:
-    metrics = json.loads((WORK / "metrics" / "scratch.json").read_text())
-    meta = json.loads((WORK / "prepared" / "meta.json").read_text())
-    seed = metrics["per_seed"][0]
-    return meta["sizes"]["train"] * seed["epochs_run"] / seed["train_seconds"]
+    seed = json.loads((WORK / "metrics" / "scratch.json").read_text())["per_seed"][0]
+    return train_images() * seed["epochs_run"] / seed["train_seconds"]
 
 
 def main() -> None:
@@ -70,7 +72,7 @@ def main() -> None:
             print(f"[bench] {processes} process(es): {rates[processes][-1]} img/s", file=sys.stderr, flush=True)
     total = {p: statistics.median(r) for p, r in rates.items()}
     result = {
-        "student": "resnet20", "train_images": json.loads((WORK / "prepared" / "meta.json").read_text())["sizes"]["train"],
+        "student": "resnet20", "train_images": train_images(),
         "epochs": 2, "global_batch": 128, "rounds": rates,
         "images_per_s_total": total, "images_per_s_per_process": {p: round(total[p] / p, 1) for p in total},
         "two_over_one": round(total[2] / total[1], 3), "test_accuracy": accuracy,
