@@ -20,26 +20,21 @@ import subprocess
 import sys
 from pathlib import Path
 
-import yaml
-
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 WORK = BENCH / "work" / "distributed"
 RESULTS = BENCH / "results"
 ROUNDS = 2
+sys.path.insert(0, str(BENCH))
+from projectcopy import stage_params  # noqa: E402
 
 
 def params_for(processes: int) -> Path:
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["data"].update(dataset="fashion_mnist", train_subset=10_000)
-    params["student"].update(model="resnet20", seeds=[0], epochs=2, warmup_epochs=0, batch_size=128, patience=0)
-    params["runtime"].update(precision="fp32", processes=processes)
-    params["paths"] = {k: str(WORK / v) for k, v in params["paths"].items()}
-    params["tracking"].update(uri=f"sqlite:///{WORK / 'mlflow.db'}", system_metrics=False)
-    WORK.mkdir(parents=True, exist_ok=True)
-    path = WORK / f"params_{processes}.yaml"
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
-    return path
+    return stage_params(WORK, f"params_{processes}",
+                        data={"dataset": "fashion_mnist", "train_subset": 10_000},
+                        student={"model": "resnet20", "seeds": [0], "epochs": 2, "warmup_epochs": 0,
+                                 "batch_size": 128, "patience": 0},
+                        runtime={"precision": "fp32", "processes": processes})
 
 
 def run_stage(stage: str, params: Path) -> None:

@@ -1,7 +1,7 @@
 """A copy of the project as a fresh clone has it (for DVC, Prefect and benchmark runs in a temp dir), the
 tiny-training version of its params, and a timed command runner for the benchmarks.
 
-Used by bench/flow_overhead.py and by the tests (tests/conftest.py puts bench/ on sys.path). It lives here, not
+Used by bench/flow_overhead.py, bench/streaming.py, bench/distributed.py and by the tests (tests/conftest.py puts bench/ on sys.path). It lives here, not
 in tests/, because a benchmark must not import the test suite; and not in kdpipe/, because it is a developer's
 tool that the package does not ship.
 """
@@ -18,6 +18,22 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 PROJECT_FILES = ("kdpipe", "flows", "dvc.yaml", "params.yaml", "prefect.yaml", "data/raw/README.md", ".dvc/config",
                  ".dvcignore", ".gitignore")
+
+
+def stage_params(root: Path, name: str, **sections: dict) -> Path:
+    """The repo's params.yaml with each given section updated, every path and a sqlite MLflow store under `root`
+    (system metrics off): written to root/<name>.yaml for `python -m kdpipe.stages.<stage> --params`."""
+    import yaml
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    for section, values in sections.items():
+        params[section].update(values)
+    params["paths"] = {k: str(root / v) for k, v in params["paths"].items()}
+    params["tracking"].update(uri=f"sqlite:///{root / 'mlflow.db'}", system_metrics=False)
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
 
 
 def copy_project(dest: Path) -> Path:

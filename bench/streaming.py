@@ -34,6 +34,9 @@ BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 WORK = BENCH / "work" / "streaming"
 RESULTS = BENCH / "results"
+sys.path.insert(0, str(BENCH))
+from projectcopy import stage_params  # noqa: E402
+
 SIZES = (10_000, 70_000)
 EPOCHS = 2
 
@@ -76,19 +79,13 @@ def _write_pngs(task) -> None:
 
 
 def params_for(n: int, in_memory: bool, workers: int | None = None) -> Path:
-    root = WORK / f"run{n // 1000}k"
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["data"].update(dataset="imagefolder", folder=str(WORK / f"png{n // 1000}k"), image_size=28,
-                          in_memory=in_memory, workers=workers)
-    params["teacher"].update(model="small_cnn", epochs=1, warmup_epochs=0, batch_size=128)
-    params["student"].update(seeds=[0], epochs=EPOCHS, warmup_epochs=0, batch_size=128, patience=0,
-                             crop_padding=2, flip=True)
-    params["paths"] = {k: str(root / v) for k, v in params["paths"].items()}
-    params["tracking"].update(uri=f"sqlite:///{root / 'mlflow.db'}", system_metrics=False)
-    root.mkdir(parents=True, exist_ok=True)
-    path = root / f"params_{'memory' if in_memory else 'stream'}{'' if workers is None else workers}.yaml"
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
-    return path
+    name = f"params_{'memory' if in_memory else 'stream'}{'' if workers is None else workers}"
+    return stage_params(WORK / f"run{n // 1000}k", name,
+                        data={"dataset": "imagefolder", "folder": str(WORK / f"png{n // 1000}k"), "image_size": 28,
+                              "in_memory": in_memory, "workers": workers},
+                        teacher={"model": "small_cnn", "epochs": 1, "warmup_epochs": 0, "batch_size": 128},
+                        student={"seeds": [0], "epochs": EPOCHS, "warmup_epochs": 0, "batch_size": 128,
+                                 "patience": 0, "crop_padding": 2, "flip": True})
 
 
 def run_stage(stage: str, params: Path) -> dict:
