@@ -14,6 +14,7 @@ log files, and a failing rank ends every rank, its error shown as one line.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -153,7 +154,10 @@ def launch(stage: str, params: str, processes: int) -> int:
         else:
             line = f"exited with code {failure.exitcode}; its output is in {work}"
         print(f"kdpipe {stage}: error: rank {failed}: {line}", file=sys.stderr)
+        if errors:  # a user error, said in full above: the ranks' logs hold nothing more
+            shutil.rmtree(work, ignore_errors=True)
         return 2 if errors else 1
     finally:
         os.environ.pop(RANK_ERRORS_ENV, None)
+    shutil.rmtree(work, ignore_errors=True)  # kept only when a rank crashed: its traceback is there
     return 0

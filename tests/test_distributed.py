@@ -34,7 +34,8 @@ def _distill(tiny_pipeline, root, processes: int, env: dict | None = None) -> su
 
 def test_two_ranks_train_one_student_with_one_run_and_one_set_of_outputs(tiny_pipeline, tmp_path):
     one = _distill(tiny_pipeline, tmp_path / "one", 1)
-    two = _distill(tiny_pipeline, tmp_path / "two", 2)
+    (tmp_path / "tmp").mkdir()
+    two = _distill(tiny_pipeline, tmp_path / "two", 2, env=subprocess_env(TMPDIR=str(tmp_path / "tmp")))
     assert one.returncode == 0, one.stderr[-3000:]
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = (json.loads((tmp_path / run / "metrics/distill.json").read_text()) for run in ("one", "two"))
@@ -46,6 +47,7 @@ def test_two_ranks_train_one_student_with_one_run_and_one_set_of_outputs(tiny_pi
     experiment = client.get_experiment_by_name(config.from_dict({}).tracking.experiment)
     runs = client.search_runs([experiment.experiment_id], "tags.stage = 'distill'")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert not list((tmp_path / "tmp").glob("kdpipe-distill-ranks-*"))  # the ranks' log folder is gone
 
 
 def test_a_failing_rank_ends_every_rank_with_its_error(tiny_pipeline, tmp_path):
