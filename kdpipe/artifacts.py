@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from kdpipe.data import DataError
+from kdpipe.env import is_main
 from kdpipe.errors import UserError
 
 CHECKPOINT_KEYS = ("state_dict", "model", "in_channels", "num_classes", "mean", "std", "classes")
@@ -49,7 +50,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write to a temporary name beside `path`, then rename: `path` is either the old file or the new one.
     A failed write (full disk, read-only folder) is an OutputError naming the file, the old file untouched."""
     path = Path(path)
-    if os.environ.get("RANK", "0") != "0":  # a data-parallel rank other than 0: rank 0 writes every output
+    if not is_main():  # a data-parallel rank other than 0: rank 0 writes every output
         return path
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:

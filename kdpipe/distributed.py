@@ -22,26 +22,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-
-def rank() -> int:
-    return int(os.environ.get("RANK", "0"))
+from kdpipe.env import is_main, rank  # noqa: F401  (is_main: the engine asks this module)
 
 
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def is_main() -> bool:
-    """Rank 0 (or the only process): the one that writes outputs, logs and prints."""
-    return rank() == 0
-
-
 def active() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def under_torchrun() -> bool:
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
 
 
 def init(device: torch.device) -> torch.device:

@@ -15,6 +15,21 @@ QUIET_ENV = {
 }
 
 
+def rank() -> int:
+    """This process's global rank in a torch.distributed run (torchrun sets RANK); 0 outside one."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def is_main() -> bool:
+    """Rank 0, or the only process: the one that writes outputs and the resume state, logs and prints."""
+    return rank() == 0
+
+
+def under_torchrun() -> bool:
+    """Started by torchrun (or distributed.launch), which sets RANK and the rendezvous address."""
+    return "RANK" in os.environ and "MASTER_ADDR" in os.environ
+
+
 def quiet_defaults() -> None:
     """Set every QUIET_ENV variable that the environment does not already set."""
     for key, value in QUIET_ENV.items():

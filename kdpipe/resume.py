@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from kdpipe.env import is_main
 
 
 def run_key(*parts: object) -> str:
@@ -78,7 +79,7 @@ class Resume:
             print(f"{self.stage}: resumed at seed {seed}, epoch {current['epoch'] + 1}", file=sys.stderr, flush=True)
 
     def remove(self) -> None:
-        if os.environ.get("RANK", "0") == "0":  # data-parallel: rank 0 owns the state, as it owns the outputs
+        if is_main():  # data-parallel: rank 0 owns the state, as it owns the outputs
             self.path.unlink(missing_ok=True)
 
     def _write(self) -> None:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from kdpipe.config import ConfigError, RuntimeConfig
+from kdpipe.env import under_torchrun
 
 
 @dataclass(frozen=True)
@@ -126,7 +127,7 @@ def setup(seed: int, device: str | None = None, cfg: RuntimeConfig | None = None
     cannot honour is a ConfigError naming the variable or param."""
     cfg = cfg or RuntimeConfig()
     dev = pick_device(device)
-    if "RANK" in os.environ and "MASTER_ADDR" in os.environ:  # a torchrun rank: join the group, take its GPU
+    if under_torchrun():  # a torchrun rank: join the group, take its GPU
         from kdpipe import distributed
 
         dev = distributed.init(dev)

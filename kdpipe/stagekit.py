@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from kdpipe.config import DEFAULT_PARAMS, Config, load
+from kdpipe.env import rank, under_torchrun
 from kdpipe.errors import EXIT_USER_ERROR, UserError
 from kdpipe.paths import Paths
 
@@ -25,7 +26,7 @@ def report_error(stage: str, message: str) -> None:
     (it prints the first failing rank's line once, naming the rank)."""
     folder = os.environ.get(RANK_ERRORS_ENV)
     if folder:
-        Path(folder, f"rank{os.environ.get('RANK', '0')}.txt").write_text(message)
+        Path(folder, f"rank{rank()}.txt").write_text(message)
     else:
         print(f"kdpipe {stage}: error: {message}", file=sys.stderr)
 
@@ -42,7 +43,7 @@ def run_stage(stage: str, work: Callable[[Config], object], argv: list[str] | No
     t0 = time.perf_counter()
     try:
         cfg = load(args.params)
-        if cfg.runtime.processes > 1 and stage in DATA_PARALLEL and "RANK" not in os.environ:
+        if cfg.runtime.processes > 1 and stage in DATA_PARALLEL and not under_torchrun():
             from kdpipe import distributed
 
             preflight(cfg)  # an unreachable MLflow server fails here, once, not in every rank
@@ -120,7 +121,7 @@ class StageContext:
         if self.cfg.data.in_memory != "auto":
             return self.cfg.data.in_memory
         images = (self.prepared[f"{split}_x"] for split in ("train", "val", "test"))
-        return fits_in_memory(sum(getattr(x, "nbytes", 0) or x.numel() for x in images), self.rt.device)
+        return fits_in_memory(sum(x.nbytes for x in images), self.rt.device)  # tensors and OnDiskArray alike
 
     @cached_property
     def splits(self):

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from kdpipe.config import Config, TrackingConfig
+from kdpipe.env import is_main
 from kdpipe.errors import UserError
 
 PARENT_RUN_ENV = "KDPIPE_PARENT_RUN_ID"
@@ -263,7 +264,7 @@ def stage_run(
 ) -> Iterator[StageRun]:
     """Start the MLflow run of one stage execution: flattened params, git/stage tags, system metrics. In a
     data-parallel rank other than 0, a run that logs nothing: one stage execution is one MLflow run."""
-    if os.environ.get("RANK", "0") != "0":
+    if not is_main():
         yield NullRun()
         return
     mlflow = import_mlflow()
