@@ -22,6 +22,7 @@ OUTPUTS = ("models", "metrics", "plots")  # the paths.* folders it writes, check
 def run(cfg: Config) -> dict:
     from kdpipe import seeds, stagekit
     from kdpipe.distillation import Distiller
+    from kdpipe.verify import file_md5  # the same content hash `kdpipe verify` checks outputs with
 
     ctx = stagekit.start(cfg, OUTPUTS)
     distiller = Distiller.load(cfg, ctx.paths, ctx.prepared, ctx.rt)  # before any run opens or file is written
@@ -40,13 +41,7 @@ def run(cfg: Config) -> dict:
         objective_for=lambda student, seed: distiller.objective(student, seed, ctx.splits),
         extra_metrics={"method": cfg.distill.method, "weights": distiller.weights,
                        "teacher_outputs": distiller.teacher_outputs, **views},
-        resume_key=(file_sha256(ctx.paths.teacher),))  # another teacher: another run, not a resumable one
-
-
-def file_sha256(path: Path) -> str:
-    import hashlib
-
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        resume_key=(file_md5(ctx.paths.teacher),))  # another teacher: another run, not a resumable one
 
 
 def save_views(path: Path, views, digest: str, cfg: Config) -> None:

@@ -63,7 +63,7 @@ def summary(prepared: dict, cfg: Config) -> dict:
 
 def run(cfg: Config) -> dict:
     from kdpipe import stagekit, tracking
-    from kdpipe.artifacts import save_prepared, write_json
+    from kdpipe.artifacts import IMAGE_SPLITS, save_prepared, write_json
     from kdpipe.paths import Paths
 
     stagekit.preflight(cfg, OUTPUTS)
@@ -79,7 +79,7 @@ def run(cfg: Config) -> dict:
             run.log_metrics({"num_classes": len(meta["classes"]), "seconds": time.perf_counter() - t0})
             run.log_artifact(paths.dataset_meta)
     finally:  # an image folder's arrays not moved into place by save_prepared (a failure on the way)
-        for key in ("train_x", "val_x", "test_x"):
+        for key in IMAGE_SPLITS:
             staged = getattr(prepared[key], "path", None)
             if staged is not None and staged.name.startswith("."):
                 staged.unlink(missing_ok=True)
