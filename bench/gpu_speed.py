@@ -1,10 +1,10 @@
 """Images/s and peak GPU memory of kdpipe's training paths at 32×32 on one GPU, through kdpipe's own API.
 
 Four workloads on synthetic uint8 data held on the device (`--n-images` random 3×32×32 images, 10 classes):
-  ce           resnet20 student step, cross-entropy (kdpipe.engine._Trainer.step, crop+flip on the device)
-  teacher_fwd  resnet56 teacher forward (kdpipe.engine.predict: logits to the host once per batch)
+  ce           resnet20 student step, cross-entropy (kdpipe.train.engine._Trainer.step, crop+flip on the device)
+  teacher_fwd  resnet56 teacher forward (kdpipe.train.inference.predict: logits to the host once per batch)
   kd_online    resnet20 student step with a live resnet56 teacher forward on every batch (Hinton KD)
-  kd_views     the same student step replaying cached teacher views (kdpipe.views.label_views, VIEWS views an
+  kd_views     the same student step replaying cached teacher views (kdpipe.distill.views.label_views, VIEWS views an
                image, held on the device as the distill stage does); building them is timed apart
                (views_build_s, the teacher's compilation included in the compile configs)
 each under the configurations in CONFIGS (fp32 contiguous / bf16 autocast + channels_last, torch.compile off
@@ -53,7 +53,7 @@ def synthetic_data(n: int, device, seed: int = 0):
     """Random uint8 images (N, 3, 32, 32) and int64 labels (N,), made on the host (same on every device)."""
     import torch
 
-    from kdpipe.data import Split
+    from kdpipe.data.batches import Split
 
     gen = torch.Generator().manual_seed(seed)
     x = torch.randint(0, 256, (n, 3, 32, 32), generator=gen, dtype=torch.uint8)
@@ -82,9 +82,11 @@ def recipe(batch: int):
 
 def build_step(workload: str, rt, data, batch: int, extra: dict) -> Callable[[object], None]:
     """One step of `workload` on the batch at positions idx (no host sync, bar predict's copy to the host)."""
-    from kdpipe.distillation import freeze
-    from kdpipe.engine import Objective, _Trainer, predict
-    from kdpipe.models import build_model
+    from kdpipe.models.zoo import build_model
+    from kdpipe.train.distiller import freeze
+    from kdpipe.train.engine import _Trainer
+    from kdpipe.train.inference import predict
+    from kdpipe.train.objective import Objective
 
     cfg, dcfg = recipe(batch)
     if workload == "ce":
@@ -102,12 +104,12 @@ def build_step(workload: str, rt, data, batch: int, extra: dict) -> Callable[[ob
 
 def online_or_views(workload: str, dcfg, teacher, rt, data, extra: dict):
     """kd_online: a live teacher on every batch; kd_views: the teacher's cached views, built (timed) here."""
-    from kdpipe.distillation import distill_loss
-    from kdpipe.engine import Objective
+    from kdpipe.train.distiller import distill_loss
+    from kdpipe.train.objective import Objective
 
     if workload == "kd_online":
         return Objective(loss_fn=distill_loss(dcfg, teacher, weights=KD_WEIGHTS))
-    from kdpipe.views import label_views
+    from kdpipe.distill.views import label_views
 
     t0 = sync_clock(rt)
     views = label_views(teacher, data.x, k=VIEWS, crop_padding=4, flip=True, seed=0, rt=rt).to(rt.device)
@@ -163,7 +165,7 @@ def measure(step: Callable, rt, batches: list, epoch_steps: int, warmup: int, st
 
 def run_one(workload: str, config: str, args) -> dict:
     """One (workload, config) measurement on fresh models; an error is recorded, not raised."""
-    from kdpipe.runtime import make_runtime
+    from kdpipe.run.runtime import make_runtime
 
     row: dict = {"workload": workload, "config": config, **CONFIGS[config]}
     try:

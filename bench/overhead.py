@@ -4,7 +4,7 @@ the no-op rerun, and the import/start-up cost of each stage process.
 In a fresh clone of the project (temp dir, the committed params.yaml: the default digits pipeline, its own
 MLflow store) it runs what `make run` runs, `kdpipe check-params` then `dvc --wait-for-lock repro`, once from
 cold (all six stages) with KDPIPE_TIMING set, so each stage process appends {stage, work_s, before_work_s}
-(kdpipe/stagekit.py); then the same with nothing changed (`--noop-runs` times, median); then standalone import
+(kdpipe/run/stage.py); then the same with nothing changed (`--noop-runs` times, median); then standalone import
 timings. Acceptance (the issue): cold wall <= 1.2 x the sum of work_s; no-op `make run` <= 3 s.
 
     python bench/overhead.py                    # writes bench/results/overhead.json, prints markdown tables
@@ -54,7 +54,7 @@ IMPORTS = {
 }
 NOTES = ("work_s: seconds inside a stage's work function, its torch/MLflow imports included (stage modules "
          "import them lazily); before_work_s: the process's age when the work began (interpreter start, "
-         "kdpipe.config, argument parsing; kdpipe.stagekit.process_age). "
+         "kdpipe.config, argument parsing; kdpipe.run.stage.process_age). "
          "dvc_and_rest_s: dvc repro's wall less Σ before_work_s and Σ work_s, so DVC's own time plus each stage "
          "process's exit after its work. imports: `python -c <code>` in the clone, median, warm file cache; "
          "work_split: Σ work_s less one `training_stage` import (less start-up) a process.")

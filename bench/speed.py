@@ -1,7 +1,7 @@
 """Distill-step throughput: kdpipe's engine against torchdistill 1.1.5 and a seed-style loop, same work.
 
 The work, identical on every side: teacher resnet56 (855,770 params, frozen, eval mode) → student resnet20
-(272,474 params), both `kdpipe.models.build_model` Classifiers taking float images in [0, 1], the teacher
+(272,474 params), both `kdpipe.models.zoo.build_model` Classifiers taking float images in [0, 1], the teacher
 initialised under torch.manual_seed(0), the student under torch.manual_seed(1) (an untrained teacher
 costs what a trained one does). The first `--train-size` (10,240) Fashion-MNIST train images, padded
 28 → 32 (2 px of zeros each side) and repeated to 3 channels; random crop (padding 4) + horizontal flip;
@@ -92,7 +92,7 @@ def load_images(n: int):
     """The first n Fashion-MNIST train images as uint8 (n, 3, 32, 32) and their int64 labels (n,)."""
     import torch.nn.functional as F
 
-    from kdpipe.datasets import load_raw
+    from kdpipe.data.datasets import load_raw
 
     raw = load_raw("fashion_mnist", "/tmp/unused")  # the Debian copy in /usr/share/datasets/fashion-mnist
     x = F.pad(raw.train_x[:n], (2, 2, 2, 2))  # (n, 1, 28, 28) -> (n, 1, 32, 32), zeros around
@@ -103,7 +103,7 @@ def build_models():
     """(teacher, student): the teacher frozen in eval mode; both seeded the same way on every side."""
     import torch
 
-    from kdpipe.models import build_model
+    from kdpipe.models.zoo import build_model
 
     torch.manual_seed(WORK["teacher_seed"])
     teacher = build_model(WORK["teacher"], 3, 10).eval()
@@ -248,10 +248,10 @@ def kdpipe_side(x, y, args, facts: dict) -> Callable:
     import torch
 
     from kdpipe.config import StudentConfig
-    from kdpipe.data import Split
-    from kdpipe.distillation import fold_batchnorm, freeze
-    from kdpipe.engine import _Trainer
-    from kdpipe.runtime import make_runtime
+    from kdpipe.data.batches import Split
+    from kdpipe.run.runtime import make_runtime
+    from kdpipe.train.distiller import fold_batchnorm, freeze
+    from kdpipe.train.engine import _Trainer
 
     rt = make_runtime(device="cpu", precision=args.precision, channels_last=True, compile=False)
     facts.update(precision=rt.precision, channels_last=rt.channels_last, compile=rt.compile)
@@ -283,8 +283,8 @@ def kdpipe_side(x, y, args, facts: dict) -> Callable:
 def kdpipe_objective(args, teacher, train, rt, facts: dict):
     """The kdpipe side's Objective: the live teacher, cached views (labelled here, timed), or plain CE."""
     from kdpipe.config import DistillConfig
-    from kdpipe.distillation import distill_loss
-    from kdpipe.engine import Objective
+    from kdpipe.train.distiller import distill_loss
+    from kdpipe.train.objective import Objective
 
     weights = {"ce": ALPHA, "kd": 1 - ALPHA}
     dcfg = DistillConfig(method="kd", weights=weights, temperature=TEMPERATURE)
@@ -292,7 +292,7 @@ def kdpipe_objective(args, teacher, train, rt, facts: dict):
         return Objective()
     if args.side == "kdpipe_online":
         return Objective(loss_fn=distill_loss(dcfg, teacher, weights=weights))
-    from kdpipe.views import label_views
+    from kdpipe.distill.views import label_views
 
     wall0, cpu0 = time.perf_counter(), time.process_time()
     views = label_views(teacher, train.x, k=args.views, crop_padding=CROP_PADDING, flip=True, seed=0, rt=rt)

@@ -43,7 +43,7 @@ EPOCHS = 2
 
 def write_folders() -> None:
     """png70k/ (every image) and png10k/ (the first 10,000), written once in parallel; kept between runs."""
-    from kdpipe.datasets import (
+    from kdpipe.data.datasets import (
         FASHION_MNIST_CLASSES,
         FASHION_MNIST_SYSTEM_DIR,
         _fashion_files,

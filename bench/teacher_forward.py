@@ -27,9 +27,9 @@ def images_per_second(model, rt, batches: int = 15) -> float:
 
 
 def main() -> int:
-    from kdpipe.distillation import fold_batchnorm, freeze
-    from kdpipe.models import build_model
-    from kdpipe.runtime import make_runtime
+    from kdpipe.models.zoo import build_model
+    from kdpipe.run.runtime import make_runtime
+    from kdpipe.train.distiller import fold_batchnorm, freeze
 
     torch.set_num_threads(2)
     rt = make_runtime("cpu")

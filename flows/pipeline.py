@@ -32,7 +32,7 @@ from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settin
 from prefect.states import Completed, State
 
 from flows import _dvc
-from kdpipe import tracking
+from kdpipe import store, tracking
 from kdpipe.config import DEFAULT_PARAMS, load
 
 RETRY_DELAY_S = 5
@@ -172,7 +172,7 @@ def kd_pipeline(stages: list[str] | None = None, force: bool = False, overrides:
         "prefect_flow": "kd-pipeline", "prefect_flow_run_id": str(run.id), **where_tags(root),
         **({"dvc_experiment": run.name, "dvc_overrides": str(overrides)} if overrides else {})})
     # Absolute tracking URI: an experiment may run in another directory, where a relative store is lost.
-    env = _dvc.environment(MLFLOW_TRACKING_URI=tracking.tracking_uri(cfg.tracking, root),
+    env = _dvc.environment(MLFLOW_TRACKING_URI=store.tracking_uri(cfg.tracking, root),
                            **{tracking.PARENT_RUN_ENV: parent})
     ok = False
     try:

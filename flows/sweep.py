@@ -52,7 +52,7 @@ from flows.pipeline import (
     stage_logger,
     where_tags,
 )
-from kdpipe import tracking
+from kdpipe import store, tracking
 from kdpipe.config import DEFAULT_PARAMS, load
 
 
@@ -144,9 +144,9 @@ def wait_for_runs(run_ids: dict[str, Any], timeout_s: float | None, poll_s: floa
 
 def mlflow_client(cfg, root: Path):
     """An MLflow client of the store the runs go to (made ready first: a new sqlite store is created once)."""
-    uri = tracking.tracking_uri(cfg.tracking, root)
-    tracking.prepare_store(uri)
-    return tracking.import_mlflow().MlflowClient(uri), uri
+    uri = store.tracking_uri(cfg.tracking, root)
+    store.prepare_store(uri)
+    return store.import_mlflow().MlflowClient(uri), uri
 
 
 def logged_points(cfg, root: Path, point_runs: dict[str, str], metric: str) -> dict[str, tuple[float | None, dict]]:
@@ -230,7 +230,7 @@ def run_local(points: dict[str, dict], point_runs: dict[str, str], jobs: int, st
     env = _dvc.environment()
     if pull:
         dvc_pull(stages, require_remote(root, env, "dvc pull"), root, env)
-    states = run_points(points, point_runs, jobs, stages, root, tracking.tracking_uri(cfg.tracking, root))
+    states = run_points(points, point_runs, jobs, stages, root, store.tracking_uri(cfg.tracking, root))
     done = [name for name, state in states.items() if state.is_completed()]
     if push and done:
         exp_push(done, root, env)

@@ -25,7 +25,7 @@ def check_params(path: str | None) -> int:
 
 
 def list_models(in_channels: int = 3, num_classes: int = 10) -> int:
-    from kdpipe.models import MODEL_NAMES, build_model, count_parameters
+    from kdpipe.models.zoo import MODEL_NAMES, build_model, count_parameters
 
     print(f"{'model':<16}{'parameters':>12}   (for {in_channels} channels, {num_classes} classes)")
     for name in MODEL_NAMES:
@@ -36,7 +36,7 @@ def list_models(in_channels: int = 3, num_classes: int = 10) -> int:
 
 
 def list_losses() -> int:
-    from kdpipe.losses import LOSSES, PRESETS
+    from kdpipe.distill.methods import LOSSES, PRESETS
 
     print("loss terms (weights in distill.weights):")
     for name, text in LOSSES.items():

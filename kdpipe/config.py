@@ -8,20 +8,15 @@ against that module's own table, imported only when params are validated: one li
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from kdpipe.errors import UserError
+from kdpipe import params_file
+from kdpipe.params_file import ConfigError
 
 DEFAULT_PARAMS = "params.yaml"
-
-
-class ConfigError(UserError):
-    """Bad params: the message is one line that names the key path."""
 
 
 class _Section(BaseModel):
@@ -46,7 +41,7 @@ class DataConfig(_Section):
 
     @model_validator(mode="after")
     def _imagefolder_needs_folder_and_size(self) -> DataConfig:
-        from kdpipe.datasets import DATASETS
+        from kdpipe.data.datasets import DATASETS
 
         _one_of("dataset", self.dataset, DATASETS)
         if self.dataset == "imagefolder":
@@ -83,7 +78,7 @@ class TrainConfig(_Section):
 
     @model_validator(mode="after")
     def _check_recipe(self) -> TrainConfig:
-        from kdpipe.models import is_known_model
+        from kdpipe.models.zoo import is_known_model
 
         if not is_known_model(self.model):
             raise ValueError(f"model: unknown model {self.model!r} (see `kdpipe list models`)")
@@ -137,7 +132,6 @@ class StudentConfig(TrainConfig):
         return self
 
 
-
 class DistillConfig(_Section):
     """The distillation loss: a named preset of term weights, optionally overridden term by term."""
 
@@ -155,13 +149,13 @@ class DistillConfig(_Section):
     teacher_views: int = Field(default=0, ge=0, le=64)
 
     def resolved_weights(self) -> dict[str, float]:
-        from kdpipe.losses import PRESETS
+        from kdpipe.distill.methods import PRESETS
 
         return {**PRESETS[self.method], **self.weights}
 
     @model_validator(mode="after")
     def _check_weights(self) -> DistillConfig:
-        from kdpipe.losses import LOSSES, PRESETS, validate_weights
+        from kdpipe.distill.methods import LOSSES, PRESETS, validate_weights
 
         _one_of("method", self.method, PRESETS)
         try:
@@ -189,7 +183,7 @@ class CurriculumConfig(_Section):
 
     @model_validator(mode="after")
     def _known_names(self) -> CurriculumConfig:
-        from kdpipe.curriculum import ORDERINGS, PACINGS
+        from kdpipe.distill.methods import ORDERINGS, PACINGS
 
         _one_of("ordering", self.ordering, ORDERINGS)
         _one_of("pacing", self.pacing, PACINGS)
@@ -257,7 +251,7 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _teacher_outputs_fit_the_method(self) -> Config:
-        from kdpipe.losses import FEATURE_TERMS, needs_features
+        from kdpipe.distill.methods import FEATURE_TERMS, needs_features
 
         if self.runtime.processes > 1 and self.distill.resolved_weights().get("crd"):
             raise ValueError(f"runtime.processes: CRD's memory banks live in one process; set runtime.processes: 1 "
@@ -293,60 +287,13 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 
 def load(path: str | Path = DEFAULT_PARAMS) -> Config:
     """Read and validate a params file; raise ConfigError with a one-line, key-path message."""
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: file not found") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark else ""
-        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: must be a mapping of sections, got {type(raw).__name__}")
-    return from_dict(raw)
+    return from_dict(params_file.read(path))
 
 
 def from_dict(raw: dict) -> Config:
     try:
         return Config.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(_first_error(e)) from None
+        raise ConfigError(params_file.first_error(e)) from None
 
 
-def _first_error(e: ValidationError) -> str:
-    """One line for the first error: the dotted key path, then what was wrong and what was given."""
-    err = e.errors(include_url=False)[0]
-    loc = [str(p) for p in err["loc"]]
-    msg = err["msg"]
-    if err["type"] == "value_error":
-        # Our cross-field validators prefix their message with the offending key.
-        msg = msg.removeprefix("Value error, ")
-        key, _, rest = msg.partition(": ")
-        return f"{'.'.join([*loc, key])}: {rest}"
-    return f"{'.'.join(loc) or '<root>'}: {_describe(err)}"
-
-
-def _num(value: Any) -> str:
-    """0.0 → 0, 5e-4 → 0.0005: numbers as a person would write them in params.yaml."""
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return repr(value)
-
-
-def _describe(err: dict) -> str:
-    ctx, given = err.get("ctx", {}), err.get("input")
-    kind = err["type"]
-    if kind == "extra_forbidden":
-        return "unknown key"
-    if kind == "missing":
-        return "required"
-    bounds = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
-    if kind in bounds:
-        limit = next(iter(ctx.values()))
-        return f"must be {bounds[kind]} {_num(limit)}, got {_num(given)}"
-    if kind == "literal_error":
-        return f"must be one of {ctx.get('expected')}, got {given!r}"
-    return f"{err['msg'][0].lower()}{err['msg'][1:]}, got {json.dumps(given, default=str)}"

@@ -15,6 +15,9 @@ QUIET_ENV = {
 }
 
 
+RANK_ERRORS_ENV = "KDPIPE_RANK_ERRORS"  # set by distributed.launch: where a failing rank leaves its error
+
+
 def rank() -> int:
     """This process's global rank in a torch.distributed run (torchrun sets RANK); 0 outside one."""
     return int(os.environ.get("RANK", "0"))

@@ -2,10 +2,10 @@
 
 No torch here, nor any kdpipe module that imports it: this is the path a model takes outside the training
 environment. A registry URI (models:/name@alias, models:/name/3) is downloaded with mlflow first, through
-kdpipe.registry. Everything the model needs is in the ONNX file's metadata: class names, the input size
+kdpipe.ship.registry. Everything the model needs is in the ONNX file's metadata: class names, the input size
 C×H×W, and the contract float32 (N, C, H, W) in [0, 1] with normalisation inside the graph.
 
-Images are read as the prepare stage reads an image folder (kdpipe.images: grey or RGB by the model's
+Images are read as the prepare stage reads an image folder (kdpipe.data.images: grey or RGB by the model's
 channels, an alpha channel dropped, 16-bit grey scaled to 8 bits). A folder stands for the image files
 directly inside it.
 """
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from kdpipe.data.images import IMAGE_EXTENSIONS
 from kdpipe.errors import EXIT_USER_ERROR, UserError
-from kdpipe.images import IMAGE_EXTENSIONS
 
 
 class PredictError(UserError):
@@ -29,7 +29,7 @@ class PredictError(UserError):
 def model_path(model: str, tracking_uri: str | None, download_to: str | Path) -> Path:
     """A local .onnx path, or the model.onnx of a models:/ registry URI downloaded into `download_to`."""
     if model.startswith("models:/"):
-        from kdpipe import registry
+        from kdpipe.ship import registry
 
         try:
             return registry.download_onnx(model, tracking_uri or default_tracking_uri(), download_to)
@@ -44,7 +44,7 @@ def model_path(model: str, tracking_uri: str | None, download_to: str | Path) ->
 def default_tracking_uri() -> str:
     """The store the stages default to: MLFLOW_TRACKING_URI, else the sqlite file in the current directory."""
     from kdpipe.config import TrackingConfig
-    from kdpipe.tracking import tracking_uri
+    from kdpipe.store import tracking_uri
 
     return tracking_uri(TrackingConfig())
 
@@ -139,7 +139,7 @@ def read_image(path: str | Path, shape: tuple[int, int, int]) -> np.ndarray:
     the prepare stage does), 16-bit grey scaled to 8 bits, resized to H×W."""
     from PIL import Image, UnidentifiedImageError
 
-    from kdpipe.images import load_image
+    from kdpipe.data.images import load_image
 
     c, h, w = shape
     if c not in (1, 3):

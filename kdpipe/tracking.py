@@ -1,9 +1,6 @@
-"""MLflow: the only module that imports it. One run per stage execution, named after the stage.
-
-Default store: ``sqlite:///<repo>/mlflow.db`` with artifacts in ``<repo>/mlartifacts`` (both git-ignored and
-never DVC outputs, since DVC deletes a stage's outputs before rerunning it). ``tracking.uri`` in params
-points elsewhere, and ``MLFLOW_TRACKING_URI`` overrides both. When a pipeline run launches the stage, the
-parent run id arrives in ``KDPIPE_PARENT_RUN_ID`` and the stage run nests under it.
+"""MLflow runs: one run per stage execution, named after the stage, with params, curves, tags and the
+resources it used. When a pipeline run launches the stage, the parent run id arrives in ``KDPIPE_PARENT_RUN_ID``
+and the stage run nests under it. Which store, and how it is made ready: kdpipe/store.py.
 """
 
 from __future__ import annotations
@@ -15,142 +12,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from kdpipe.config import Config, TrackingConfig
+from kdpipe.config import Config
 from kdpipe.env import is_main
-from kdpipe.errors import UserError
+from kdpipe.store import ARTIFACT_DIR, _set_uri, import_mlflow, tracking_uri
 
 PARENT_RUN_ENV = "KDPIPE_PARENT_RUN_ID"
-DB_FILE = "mlflow.db"
-ARTIFACT_DIR = "mlartifacts"
-
-
-# What the user set before any of our runs: mlflow.set_tracking_uri() writes MLFLOW_TRACKING_URI into the
-# environment, so reading it later would let one run's store capture every later run in the process.
-_USER_URI = os.environ.get("MLFLOW_TRACKING_URI")
-
-
-def tracking_uri(cfg: TrackingConfig, root: Path | None = None) -> str:
-    """Environment first, then params, then a sqlite file at the repo root (absolute: `dvc exp run --temp`
-    runs elsewhere and a relative path would lose the run)."""
-    root = (root or Path.cwd()).resolve()
-    return _user_uri() or cfg.uri or f"sqlite:///{root / DB_FILE}"
-
-
-class TrackingError(UserError):
-    """The MLflow store cannot be used: the message names the URI and the setting it came from."""
-
-
-def check_reachable(cfg: TrackingConfig, root: Path | None = None, timeout: float = 5.0) -> None:
-    """Fail in seconds, before any work, when a tracking server (http/https) does not answer: MLflow itself
-    would retry for minutes, mid-stage. Any HTTP answer counts; local stores (sqlite, files) are not probed."""
-    import ssl
-    import urllib.error
-    import urllib.request
-
-    uri = tracking_uri(cfg, root)
-    if not uri.startswith(("http://", "https://")):
-        return
-    env = bool(_user_uri())
-    source = "MLFLOW_TRACKING_URI" if env else "tracking.uri"
-    fix = "unset MLFLOW_TRACKING_URI" if env else "set tracking.uri: null to log to the local sqlite store"
-    try:
-        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
-    except urllib.error.HTTPError:
-        return  # it answered (auth, proxy or no /health route): the server is there
-    except (OSError, ValueError) as e:
-        reason = getattr(e, "reason", e)
-        if isinstance(reason, ssl.SSLError):
-            return  # it answered TLS: certificates are MLflow's business (MLFLOW_TRACKING_INSECURE_TLS)
-        raise TrackingError(f"{source}={uri}: cannot reach the MLflow server ({reason}); "
-                            f"start it, or {fix}") from None
-
-
-def _user_uri() -> str | None:
-    """MLFLOW_TRACKING_URI as the user set it, unless mlflow itself put it there during this process."""
-    current = os.environ.get("MLFLOW_TRACKING_URI")
-    return current if current != _MLFLOW_SET.get("uri") else _USER_URI
-
-
-_MLFLOW_SET: dict[str, str] = {}
-
-
-def _set_uri(mlflow, uri: str) -> None:
-    """Point mlflow at the store `uri`, made ready first (prepare_store)."""
-    prepare_store(uri)
-    mlflow.set_tracking_uri(uri)
-    _MLFLOW_SET["uri"] = uri
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Two pipelines, one store. A sqlite store is one file that processes of several checkouts may share. SQLite
-# serialises their writes itself (MLflow sets a 20 s busy timeout on every session), but two processes that
-# create one new store at once corrupt it, so creation happens once, under a file lock beside the database.
-# A server (http://...) serialises writes for its clients; nothing to lock here.
-
-LOCK_SUFFIX = ".lock"  # mlflow.db -> mlflow.db.lock
-_READY: set[str] = set()  # stores this process has already prepared
-
-
-def sqlite_path(uri: str) -> Path | None:
-    """The database file of a `sqlite:///` URI (relative to the cwd unless absolute); None for other stores."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    path = uri.removeprefix("sqlite:///").split("?")[0]
-    return Path(path) if path and path != ":memory:" else None
-
-
-@contextmanager
-def store_lock(uri: str) -> Iterator[None]:
-    """Hold an exclusive lock on `<database>.lock` beside a sqlite store, across processes (fcntl.flock: let go
-    when the holder exits, even by a crash). A no-op for other stores."""
-    path = sqlite_path(uri)
-    if path is None:
-        yield
-        return
-    import fcntl
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(f"{path}{LOCK_SUFFIX}", "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        yield  # closing the file releases the lock
-
-
-def prepare_store(uri: str) -> None:
-    """Create a sqlite store with MLflow's tables, once, under store_lock, before anything else opens it. An
-    existing store is only checked (MLflow refuses one with an older schema: `mlflow db upgrade <uri>` after
-    a backup); other stores are left to their server."""
-    if uri in _READY or sqlite_path(uri) is None:
-        return
-    mlflow = import_mlflow()
-    with store_lock(uri):
-        retry_locked(lambda: mlflow.MlflowClient(uri).search_experiments(max_results=1))
-    _READY.add(uri)
-
-
-def retry_locked(call, attempts: int = 5):
-    """call(), again after a growing pause when sqlite still answers "database is locked" once its busy timeout
-    ran out (a burst of writers from other processes); the failed transaction was rolled back, so it is safe."""
-    for attempt in range(attempts):
-        try:
-            return call()
-        except Exception as e:
-            if "database is locked" not in str(e) or attempt == attempts - 1:
-                raise
-            time.sleep(0.5 * 2**attempt)
-
-
-def import_mlflow():
-    """mlflow, imported quietly: telemetry off, and its INFO chatter (which it configures on import) hushed.
-    The tracking layer (this module and registry) gets mlflow only through here."""
-    import logging
-
-    from kdpipe.env import quiet_defaults
-
-    quiet_defaults()
-    import mlflow
-
-    logging.getLogger("mlflow").setLevel(logging.WARNING)
-    return mlflow
 
 
 def resource_usage(t0: float) -> dict[str, float]:

@@ -28,10 +28,10 @@ from pathlib import Path
 import yaml
 
 from kdpipe.errors import EXIT_USER_ERROR
+from kdpipe.files import file_md5
 
 LOCK_FILE = "dvc.lock"
 CACHE = Path(".dvc/cache/files/md5")  # DVC 3's default cache, relative to the repo root
-CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -46,14 +46,6 @@ class Mismatch:
     def line(self) -> str:
         return (f"{self.path}: {self.problem} (stage {self.stage}); rerun it (dvc repro -f {self.stage}) or "
                 f"restore it ({self.restore})")
-
-
-def file_md5(path: Path) -> str:
-    digest = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def files_in(folder: Path) -> list[str]:

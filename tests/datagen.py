@@ -1,4 +1,4 @@
-"""Writers of tiny fake datasets in the on-disk formats kdpipe.data reads (helpers for tests, no tests here)."""
+"""Writers of tiny fake datasets in the on-disk formats kdpipe.data.splits reads (helpers for tests, no tests here)."""
 
 import gzip
 import pickle

@@ -37,9 +37,12 @@ from mlflow.tracking._tracking_service import utils as tracking_utils
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
-from kdpipe import cli, registry, tracking
-from kdpipe.artifacts import OutputError, atomic_write_bytes, save_checkpoint
-from kdpipe.models import build_model
+from kdpipe import cli
+from kdpipe import store as mlflow_store
+from kdpipe.files import OutputError, atomic_write_bytes
+from kdpipe.models.checkpoint import save_checkpoint
+from kdpipe.models.zoo import build_model
+from kdpipe.ship import registrations
 
 # ------------------------------------------------------------------------------ helpers (shared with CLI cases)
 
@@ -393,7 +396,7 @@ def work(tmp_path, monkeypatch) -> Path:
     globals), so a lookup that ignores --tracking-uri falls back to ./mlflow.db here and shows."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setattr(tracking, "_USER_URI", None)  # the variable as kdpipe.tracking saw it at import
+    monkeypatch.setattr(mlflow_store, "_USER_URI", None)  # the variable as kdpipe.store saw it at import
     monkeypatch.setattr(tracking_utils, "_tracking_uri", None)
     monkeypatch.setattr(registry_utils, "_registry_uri", None)
     tiny_onnx(tmp_path / "grey.onnx", channels=1)
@@ -503,7 +506,7 @@ def test_folder_without_images_is_one_line(work, capsys):
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> Path:
-    """A sqlite store (folder/mlflow.db, artifacts beside it) where kdpipe.registry registered the grey model as
+    """A sqlite store (folder/mlflow.db, artifacts beside it) where kdpipe.ship.registry registered the grey model as
     kdpipe-student v1, champion. mlflow's global URI and the environment are restored afterwards."""
     folder = tmp_path_factory.mktemp("store")
     uri = f"sqlite:///{folder / 'mlflow.db'}"
@@ -512,10 +515,10 @@ def store(tmp_path_factory) -> Path:
         mp.setenv("MLFLOW_TRACKING_URI", uri)  # set_tracking_uri writes it; restored on exit
         mlflow.set_tracking_uri(uri)
         experiment = mlflow.create_experiment("kdpipe", artifact_location=(folder / "mlartifacts").as_uri())
-        entry = registry.Registration(name=NAME, onnx_path=tiny_onnx(folder / "tiny.onnx"), artifact_name="student",
+        entry = registrations.Registration(name=NAME, onnx_path=tiny_onnx(folder / "tiny.onnx"), artifact_name="student",
                                       test_accuracy=0.9, dataset_digest="d1")
         with mlflow.start_run(experiment_id=experiment):
-            registry.register_onnx(entry, np.random.default_rng(0).random((2, 1, 4, 4), dtype=np.float32))
+            registrations.register_onnx(entry, np.random.default_rng(0).random((2, 1, 4, 4), dtype=np.float32))
     return folder
 
 

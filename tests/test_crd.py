@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from kdpipe.crd import CRDHead, crd_nce_loss, crd_scores
+from kdpipe.distill.crd import CRDHead, crd_nce_loss, crd_scores
 
 EPS = 1e-7
 
@@ -206,7 +206,7 @@ def test_distill_stage_with_crd_saves_the_bank_beside_each_student(tiny_pipeline
     """method crd through the real distill stage: the head trains with the student, and its memory banks, one row
     per training image (validation and test images have no row), are saved beside the student it taught."""
     from kdpipe import config
-    from kdpipe.artifacts import load_prepared
+    from kdpipe.data.prepared import load_prepared
     from kdpipe.stages import distill
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

@@ -1,4 +1,4 @@
-"""Tests for kdpipe.datasets and kdpipe.data: loaders on real and generated files, splits, the prepared artifact, batching."""
+"""Tests for kdpipe.data.datasets and kdpipe.data.splits: loaders on real and generated files, splits, the prepared artifact, batching."""
 
 import gzip
 import subprocess
@@ -8,8 +8,8 @@ import pytest
 import torch
 from datagen import write_cifar10, write_cifar100, write_fashion_idx, write_imagefolder
 
-from kdpipe import data, datasets
-from kdpipe.data import DataError
+from kdpipe.data import batches, datasets, splits
+from kdpipe.data.splits import DataError
 
 # Where the Debian package dataset-fashion-mnist puts the real files (CI's .ci/run installs it). Every other
 # Fashion-MNIST test writes its own IDX files, so the suite runs offline on a fresh clone without it.
@@ -22,7 +22,7 @@ def no_system_fashion(monkeypatch, tmp_path):
     monkeypatch.setattr(datasets, "FASHION_MNIST_SYSTEM_DIR", tmp_path / "no-such-system-dir")
 
 
-def toy_raw(n_per_class=(30, 20, 10), with_test=False, seed=0) -> data.RawDataset:
+def toy_raw(n_per_class=(30, 20, 10), with_test=False, seed=0) -> splits.RawDataset:
     """A small RawDataset of random 3x4x4 images with the given class sizes."""
     g = torch.Generator().manual_seed(seed)
     y = torch.cat([torch.full((n,), c, dtype=torch.int64) for c, n in enumerate(n_per_class)])
@@ -30,14 +30,14 @@ def toy_raw(n_per_class=(30, 20, 10), with_test=False, seed=0) -> data.RawDatase
     x = torch.randint(0, 256, (len(y), 3, 4, 4), generator=g, dtype=torch.uint8)
     test_x = torch.randint(0, 256, (6, 3, 4, 4), generator=g, dtype=torch.uint8) if with_test else None
     test_y = torch.arange(6) % len(n_per_class) if with_test else None
-    return data.RawDataset(x, y, test_x, test_y, [f"c{i}" for i in range(len(n_per_class))])
+    return splits.RawDataset(x, y, test_x, test_y, [f"c{i}" for i in range(len(n_per_class))])
 
 
 # ------------------------------------------------------------------------------------ loaders
 
 
 def test_import_is_cheap():
-    code = "import sys, kdpipe.data, kdpipe.datasets; print(sorted(m for m in ('sklearn', 'torchvision', 'PIL') if m in sys.modules))"
+    code = "import sys, kdpipe.data.splits, kdpipe.data.datasets; print(sorted(m for m in ('sklearn', 'torchvision', 'PIL') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
@@ -220,7 +220,7 @@ def test_imagefolder_pixels_survive_same_size(tmp_path):
 
 def test_imagefolder_16_bit_grey_is_scaled_like_predict_reads_it(tmp_path):
     """A 16-bit copy (v·257) of an 8-bit grey image prepares to the 8-bit pixels (Pillow's own convert would
-    clip every value above 255 to white), as `kdpipe predict` reads it (both use kdpipe.images)."""
+    clip every value above 255 to white), as `kdpipe predict` reads it (both use kdpipe.data.images)."""
     import numpy as np
     from PIL import Image
 
@@ -263,9 +263,9 @@ def test_imagefolder_unreadable_image(tmp_path, content):
 def test_raw_dataset_validates():
     x = torch.zeros(3, 1, 2, 2, dtype=torch.uint8)
     with pytest.raises(DataError, match="train_x must be uint8"):
-        data.RawDataset(x.float(), torch.zeros(3, dtype=torch.int64), None, None, ["a"])
+        splits.RawDataset(x.float(), torch.zeros(3, dtype=torch.int64), None, None, ["a"])
     with pytest.raises(DataError, match="labels outside"):
-        data.RawDataset(x, torch.tensor([0, 1, 2]), None, None, ["a", "b"])
+        splits.RawDataset(x, torch.tensor([0, 1, 2]), None, None, ["a", "b"])
 
 
 # ------------------------------------------------------------------------------------- splits
@@ -273,7 +273,7 @@ def test_raw_dataset_validates():
 
 def test_split_stratified_disjoint_covering():
     labels = toy_raw((50, 31, 17, 9)).train_y
-    s = data.stratified_split(labels, val_fraction=0.2, test_fraction=0.1, seed=3)
+    s = splits.stratified_split(labels, val_fraction=0.2, test_fraction=0.1, seed=3)
     parts = [s.train_idx, s.val_idx, s.test_idx]
     assert torch.equal(torch.sort(torch.cat(parts)).values, torch.arange(len(labels)))  # disjoint + covering
     for idx in parts:
@@ -287,9 +287,9 @@ def test_split_stratified_disjoint_covering():
 
 def test_split_deterministic_and_seeded():
     labels = toy_raw().train_y
-    a = data.stratified_split(labels, 0.25, 0.0, seed=0)
-    b = data.stratified_split(labels, 0.25, 0.0, seed=0)
-    c = data.stratified_split(labels, 0.25, 0.0, seed=1)
+    a = splits.stratified_split(labels, 0.25, 0.0, seed=0)
+    b = splits.stratified_split(labels, 0.25, 0.0, seed=0)
+    c = splits.stratified_split(labels, 0.25, 0.0, seed=1)
     assert a.test_idx is None
     assert torch.equal(a.train_idx, b.train_idx) and torch.equal(a.val_idx, b.val_idx)
     assert not torch.equal(a.val_idx, c.val_idx)
@@ -297,7 +297,7 @@ def test_split_deterministic_and_seeded():
 
 def test_split_rejects_bad_fractions():
     with pytest.raises(ValueError, match="fraction"):
-        data.stratified_split(torch.arange(10) % 2, 0.6, 0.5, seed=0)
+        splits.stratified_split(torch.arange(10) % 2, 0.6, 0.5, seed=0)
 
 
 # ------------------------------------------------------------------------------ prepared dataset
@@ -305,7 +305,7 @@ def test_split_rejects_bad_fractions():
 
 def test_prepare_carves_test_when_no_official():
     raw = toy_raw()
-    p = data.prepare_dataset(raw, 0.2, 0.1, seed=0)
+    p = splits.prepare_dataset(raw, 0.2, 0.1, seed=0)
     sizes = {k: len(p[f"{k}_y"]) for k in ("train", "val", "test")}
     assert sizes == {"train": 42, "val": 12, "test": 6}
     assert {k: sum(v) for k, v in p["class_counts"].items()} == sizes
@@ -316,56 +316,56 @@ def test_prepare_carves_test_when_no_official():
 
 def test_prepare_uses_official_test():
     raw = toy_raw(with_test=True)
-    p = data.prepare_dataset(raw, 0.2, 0.0, seed=0)
+    p = splits.prepare_dataset(raw, 0.2, 0.0, seed=0)
     assert torch.equal(p["test_x"], raw.test_x) and len(p["train_y"]) + len(p["val_y"]) == 60
 
 
 def test_prepare_needs_test_fraction_without_official_test():
     with pytest.raises(DataError, match="test_fraction"):
-        data.prepare_dataset(toy_raw(), 0.2, 0.0, seed=0)
+        splits.prepare_dataset(toy_raw(), 0.2, 0.0, seed=0)
 
 
 def test_prepare_stats_are_train_only():
     raw = toy_raw()
-    p = data.prepare_dataset(raw, 0.2, 0.1, seed=0)
+    p = splits.prepare_dataset(raw, 0.2, 0.1, seed=0)
     train_f = p["train_x"].double() / 255
     assert p["mean"] == pytest.approx(train_f.mean(dim=(0, 2, 3)).tolist(), abs=1e-9)
     assert p["std"] == pytest.approx(train_f.std(dim=(0, 2, 3), unbiased=False).tolist(), abs=1e-9)
     # Overwrite every val and test image: the statistics must not move.
-    split = data.stratified_split(raw.train_y, 0.2, 0.1, seed=0)
+    split = splits.stratified_split(raw.train_y, 0.2, 0.1, seed=0)
     changed_x = raw.train_x.clone()
     changed_x[torch.cat([split.val_idx, split.test_idx])] = 255
-    changed = data.prepare_dataset(data.RawDataset(changed_x, raw.train_y, None, None, raw.classes), 0.2, 0.1, 0)
+    changed = splits.prepare_dataset(splits.RawDataset(changed_x, raw.train_y, None, None, raw.classes), 0.2, 0.1, 0)
     assert changed["mean"] == p["mean"] and changed["std"] == p["std"]
     assert changed["digest"] != p["digest"]
 
 
 def test_digest_stable_and_sensitive():
     raw = toy_raw(with_test=True)
-    p = data.prepare_dataset(raw, 0.2, 0.0, seed=0)
-    assert data.prepare_dataset(raw, 0.2, 0.0, seed=0)["digest"] == p["digest"] == data.dataset_digest(p)
+    p = splits.prepare_dataset(raw, 0.2, 0.0, seed=0)
+    assert splits.prepare_dataset(raw, 0.2, 0.0, seed=0)["digest"] == p["digest"] == splits.dataset_digest(p)
     assert len(p["digest"]) == 64
-    for key in data.SPLIT_TENSORS:
+    for key in splits.SPLIT_TENSORS:
         q = dict(p, **{key: p[key].clone()})
         q[key].view(-1)[0] ^= 1  # one pixel (or label) changes by one
-        assert data.dataset_digest(q) != p["digest"], key
-    assert data.dataset_digest(dict(p, classes=["x", "c1", "c2"])) != p["digest"]
+        assert splits.dataset_digest(q) != p["digest"], key
+    assert splits.dataset_digest(dict(p, classes=["x", "c1", "c2"])) != p["digest"]
 
 
 def test_prepared_round_trips_weights_only(tmp_path):
-    p = data.prepare_dataset(toy_raw(), 0.2, 0.1, seed=0)
+    p = splits.prepare_dataset(toy_raw(), 0.2, 0.1, seed=0)
     torch.save(p, tmp_path / "prepared.pt")
     q = torch.load(tmp_path / "prepared.pt", weights_only=True)
-    assert q.keys() == p.keys() and data.dataset_digest(q) == p["digest"]
+    assert q.keys() == p.keys() and splits.dataset_digest(q) == p["digest"]
     assert q["class_counts"] == p["class_counts"] and q["mean"] == p["mean"]
 
 
 def test_to_float():
     x = torch.tensor([0, 51, 255], dtype=torch.uint8)
-    assert torch.allclose(data.to_float(x), torch.tensor([0.0, 0.2, 1.0]))
-    assert data.to_float(x).dtype == torch.float32
+    assert torch.allclose(batches.to_float(x), torch.tensor([0.0, 0.2, 1.0]))
+    assert batches.to_float(x).dtype == torch.float32
     with pytest.raises(TypeError):
-        data.to_float(x.float())
+        batches.to_float(x.float())
 
 
 # ----------------------------------------------------------------------------------- batching
@@ -378,13 +378,13 @@ def images(n=16, c=2, h=6, w=5, seed=0) -> torch.Tensor:
 
 def test_augment_identity_and_shape():
     x = images()
-    assert data.augment_batch(x, 0, False) is x
-    assert data.augment_batch(x, 2, True, torch.Generator().manual_seed(0)).shape == x.shape
+    assert batches.augment_batch(x, 0, False) is x
+    assert batches.augment_batch(x, 2, True, torch.Generator().manual_seed(0)).shape == x.shape
 
 
 def test_augment_flip_only_flips_the_drawn_images():
     x = images(n=32)
-    out = data.augment_batch(x, 0, True, torch.Generator().manual_seed(7))
+    out = batches.augment_batch(x, 0, True, torch.Generator().manual_seed(7))
     # The docstring fixes the draw: flips = torch.rand(N) < 0.5 from the generator.
     flipped = torch.rand(32, generator=torch.Generator().manual_seed(7)) < 0.5
     assert 0 < flipped.sum() < 32
@@ -396,7 +396,7 @@ def test_augment_flip_only_flips_the_drawn_images():
 def test_augment_crop_is_a_shifted_window(flip):
     pad = 2
     x = images(n=24)
-    out = data.augment_batch(x, pad, flip, torch.Generator().manual_seed(1))
+    out = batches.augment_batch(x, pad, flip, torch.Generator().manual_seed(1))
     padded = torch.nn.functional.pad(x, (pad,) * 4)
     h, w = x.shape[2:]
     shifts = set()
@@ -413,15 +413,15 @@ def test_augment_crop_is_a_shifted_window(flip):
 
 def test_augment_deterministic():
     x = images()
-    a = data.augment_batch(x, 3, True, torch.Generator().manual_seed(5))
-    b = data.augment_batch(x, 3, True, torch.Generator().manual_seed(5))
-    c = data.augment_batch(x, 3, True, torch.Generator().manual_seed(6))
+    a = batches.augment_batch(x, 3, True, torch.Generator().manual_seed(5))
+    b = batches.augment_batch(x, 3, True, torch.Generator().manual_seed(5))
+    c = batches.augment_batch(x, 3, True, torch.Generator().manual_seed(6))
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_augment_on_gpu():
     x = images().cuda()
-    out = data.augment_batch(x, 2, True, torch.Generator().manual_seed(0))
-    cpu = data.augment_batch(x.cpu(), 2, True, torch.Generator().manual_seed(0))
+    out = batches.augment_batch(x, 2, True, torch.Generator().manual_seed(0))
+    cpu = batches.augment_batch(x.cpu(), 2, True, torch.Generator().manual_seed(0))
     assert out.device == x.device and torch.equal(out.cpu(), cpu)

@@ -11,12 +11,14 @@ import torch
 from conftest import SEEDS, tiny_params, write_params
 from sklearn.metrics import f1_score
 
-from kdpipe import cli, config, curriculum
-from kdpipe import distillation as kd
-from kdpipe.artifacts import build_from_checkpoint, load_prepared
-from kdpipe.losses import PRESETS
-from kdpipe.models import build_model
+from kdpipe import cli, config
+from kdpipe.data.prepared import load_prepared
+from kdpipe.distill import curriculum
+from kdpipe.distill.methods import PRESETS
+from kdpipe.models.checkpoint import build_from_checkpoint
+from kdpipe.models.zoo import build_model
 from kdpipe.stages import distill, evaluate, scratch, teacher
+from kdpipe.train import distiller as kd
 
 
 @pytest.fixture

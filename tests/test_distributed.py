@@ -12,8 +12,9 @@ import mlflow
 import pytest
 from conftest import subprocess_env, write_params
 
-from kdpipe import config, engine
-from kdpipe.runtime import Runtime
+from kdpipe import config
+from kdpipe.run.runtime import Runtime
+from kdpipe.train import engine
 
 pytestmark = pytest.mark.slow
 
@@ -58,11 +59,11 @@ def test_a_failing_rank_ends_every_rank_with_its_error(tiny_pipeline, tmp_path):
     (hooks / "sitecustomize.py").write_text(
         "import os\n"
         "if os.environ.get('RANK') == '1':\n"
-        "    import kdpipe.engine\n"
+        "    import kdpipe.train.engine\n"
         "    from kdpipe.errors import UserError\n"
         "    def fit(*args, **kwargs):\n"
         "        raise UserError('injected failure on rank 1')\n"
-        "    kdpipe.engine.fit = fit\n")
+        "    kdpipe.train.engine.fit = fit\n")
     env = subprocess_env(PYTHONPATH=os.pathsep.join(filter(None, [str(hooks), os.environ.get("PYTHONPATH")])))
     out = _distill(tiny_pipeline, tmp_path / "run", 2, env=env)
     assert out.returncode == 2, out.stderr[-3000:]
@@ -73,8 +74,8 @@ def test_a_failing_rank_ends_every_rank_with_its_error(tiny_pipeline, tmp_path):
 
 def test_one_process_is_untouched_by_the_data_parallel_hooks():
     """Outside torchrun the shard is the whole batch and the model is not wrapped."""
-    from kdpipe import distributed
-    from kdpipe.models import build_model
+    from kdpipe.models.zoo import build_model
+    from kdpipe.run import distributed
 
     model = build_model("tiny_cnn", 1, 10)
     assert not distributed.active() and distributed.wrap(model, Runtime(engine.torch.device("cpu")).device, False) is model

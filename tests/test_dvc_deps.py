@@ -27,7 +27,10 @@ NOT_OUTPUT_CHANGING: dict[str, str] = {
     "returns is written into a DVC output, and the tracking.* params are not deps either. (With teacher.source: "
     "registry its store URI also says where the teacher is fetched from: an input DVC cannot see anyway, since "
     "an alias can move while no file changes.)",
-    "kdpipe/env.py": "defaults for telemetry, analytics and log-level environment variables of MLflow, "
+    "kdpipe/store.py": "which MLflow store runs are logged to and how it is made ready (created once, locked, "
+    "probed); like kdpipe/tracking.py, nothing it returns is written into a DVC output",
+    "kdpipe/env.py": "which rank this process is, where a failing rank leaves its error (RANK_ERRORS_ENV: how a "
+    "failure is reported, never a number), and defaults for telemetry, analytics and log-level environment variables of MLflow, "
     "Prefect and DVC: quiet or chatty, never different numbers",
     "kdpipe/errors.py": "the user-error type and its exit code: how a failed run is reported, not what a "
     "successful one writes (test_errors_module_holds_only_error_types keeps it that way)",
@@ -63,7 +66,33 @@ def entries(stage: dict, kind: str) -> list[str]:
 
 
 def code_deps(stage: dict) -> set[str]:
+    """The code deps as listed: files, and folders (ending in "/")."""
     return {d for d in entries(stage, "deps") if d.startswith(f"{PACKAGE}/")}
+
+
+def folder_files(folder: str, root: Path = REPO) -> set[str]:
+    """Every .py file under a listed folder (what DVC hashes, bytecode being in .dvcignore)."""
+    return {str(p.relative_to(root)) for p in (root / folder).rglob("*.py") if "__pycache__" not in p.parts}
+
+
+def expand(listed: set[str], root: Path = REPO) -> set[str]:
+    """Listed code deps as files: a folder stands for every .py file under it."""
+    return set().union(*({d} if not d.endswith("/") else folder_files(d, root) for d in listed))
+
+
+def wanted_code_deps(stage: str) -> set[str]:
+    """What dvc.yaml should list: a folder where the stage needs every module in it (its code-free __init__.py
+    aside), each file otherwise. Folders are taken from the top down, so kdpipe/ itself is never one."""
+    needed = needed_code_deps(stage)
+    wanted: set[str] = set()
+    folders = sorted({str(Path(m).parent) for m in needed if Path(m).parent != Path(PACKAGE)}, key=len)
+    for folder in folders:
+        if any(folder.startswith(w) for w in wanted):
+            continue
+        inside = {f for f in folder_files(folder) if not runs_no_code(f)}
+        if inside <= needed:
+            wanted.add(folder + "/")
+    return wanted | {m for m in needed if not any(m.startswith(w) for w in wanted)}
 
 
 # -------------------------------------------------------------------------------------- the import closure
@@ -183,7 +212,7 @@ def test_one_stage_one_module_one_command():
 
 @pytest.mark.parametrize("stage", STAGES)
 def test_code_deps_cover_the_import_closure(stage):
-    missing = needed_code_deps(stage) - code_deps(stages()[stage])
+    missing = needed_code_deps(stage) - expand(code_deps(stages()[stage]))
     assert not missing, (f"dvc.yaml: stage {stage!r} imports {sorted(missing)} but does not list them as deps, "
                          "so editing them reruns nothing; add them (or to NOT_OUTPUT_CHANGING, with the reason)")
 
@@ -191,17 +220,31 @@ def test_code_deps_cover_the_import_closure(stage):
 @pytest.mark.parametrize("stage", STAGES)
 def test_no_stale_code_deps(stage):
     listed = code_deps(stages()[stage])
-    stale = listed - needed_code_deps(stage)
+    stale = {f for f in expand(listed) - needed_code_deps(stage) if not runs_no_code(f)}
     assert not stale, (f"dvc.yaml: stage {stage!r} lists {sorted(stale)}, which it does not import (or which "
                        "cannot change its outputs): an edit there reruns it for nothing")
-    assert all((REPO / d).is_file() for d in listed)
+    assert all((REPO / d).is_dir() if d.endswith("/") else (REPO / d).is_file() for d in listed)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_code_deps_are_folders_where_exact(stage):
+    """A folder where the stage runs every module in it, files otherwise: the shortest list that is still exact."""
+    assert code_deps(stages()[stage]) == wanted_code_deps(stage)
+
+
+def test_folder_expansion_and_choice_can_fail(tmp_path):
+    """expand() reads a folder as its .py files (bytecode aside), so a listed folder cannot hide a module."""
+    (tmp_path / "kdpipe" / "x" / "__pycache__").mkdir(parents=True)
+    for name in ("x/a.py", "x/b.py", "x/__pycache__/a.cpython-311.py", "c.py"):
+        (tmp_path / "kdpipe" / name).write_text("")
+    assert expand({"kdpipe/x/", "kdpipe/c.py"}, tmp_path) == {"kdpipe/x/a.py", "kdpipe/x/b.py", "kdpipe/c.py"}
 
 
 def test_allow_list_entries_are_imported_and_never_listed():
     imported = set().union(*(closure(f"{PACKAGE}.stages.{s}") for s in STAGES))
     assert set(NOT_OUTPUT_CHANGING) <= imported, f"stale entries: {set(NOT_OUTPUT_CHANGING) - imported}"
     for name, stage in stages().items():
-        assert not code_deps(stage) & set(NOT_OUTPUT_CHANGING), name
+        assert not expand(code_deps(stage)) & set(NOT_OUTPUT_CHANGING), name
 
 
 def test_errors_module_holds_only_error_types():
@@ -279,7 +322,10 @@ def test_dvc_yaml_file_names_agree_with_paths():
 
 
 def expected_stages(module: str) -> set[str]:
-    return {stage for stage in STAGES if module in needed_code_deps(stage)}
+    """The stages an edit to `module` must rerun: those that run it, and those that list its folder (for a
+    code-free __init__.py, the one edit a folder dep reruns for nothing)."""
+    return {stage for stage in STAGES if module in needed_code_deps(stage)
+            or (runs_no_code(module) and module in expand(code_deps(stages()[stage])))}
 
 
 def stale_stages(root: Path) -> set[str]:

@@ -10,11 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdpipe import runtime
 from kdpipe.config import StudentConfig
-from kdpipe.data import Split
-from kdpipe.engine import Objective, fit, lr_factor, score
-from kdpipe.models import build_model
+from kdpipe.data.batches import Split
+from kdpipe.models.zoo import build_model
+from kdpipe.run import runtime
+from kdpipe.train.engine import fit, lr_factor
+from kdpipe.train.inference import score
+from kdpipe.train.objective import Objective
 
 
 def _cfg(**kw) -> StudentConfig:
@@ -119,7 +121,7 @@ def test_epoch_pool_limits_samples_and_trains_extra_modules(rt):
 def test_cpu_runtime_is_deterministic_without_importing_inductor():
     """setup() turns on deterministic kernels (warn-only) without torch.use_deterministic_algorithms' import of
     torch._inductor, which costs every stage process ~1.4 s and only matters to torch.compile."""
-    code = ("import sys, torch; from kdpipe import runtime; runtime.setup(0, 'cpu'); "
+    code = ("import sys, torch; from kdpipe.run import runtime; runtime.setup(0, 'cpu'); "
             "print(torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(), "
             "'torch._inductor' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

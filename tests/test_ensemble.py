@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from kdpipe import config
-from kdpipe.artifacts import load_prepared
-from kdpipe.distillation import Distiller
-from kdpipe.engine import predict
-from kdpipe.models import Ensemble, build_model
+from kdpipe.data.prepared import load_prepared
+from kdpipe.models.zoo import Ensemble, build_model
 from kdpipe.paths import Paths
-from kdpipe.runtime import Runtime
+from kdpipe.run.runtime import Runtime
 from kdpipe.stages import distill, evaluate, scratch, teacher
+from kdpipe.train.distiller import Distiller
+from kdpipe.train.inference import predict
 
 CPU = torch.device("cpu")
 

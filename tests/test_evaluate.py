@@ -1,5 +1,5 @@
 """Metrics against hand-computed values (kdpipe.metrics), plots checked as real PNG files written atomically
-(kdpipe.plots), Markdown tables and reports (kdpipe.report)."""
+(kdpipe.report.plots), Markdown tables and reports (kdpipe.report.markdown)."""
 
 import subprocess
 import sys
@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from kdpipe import metrics as M
-from kdpipe import plots as P
-from kdpipe import report as R
+from kdpipe.report import markdown as R
+from kdpipe.report import plots as P
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -95,7 +95,7 @@ def test_count_macs_restores_modes_and_bn_statistics():
 
 
 def test_count_macs_on_zoo_model():
-    from kdpipe.models import build_model
+    from kdpipe.models.zoo import build_model
 
     assert M.count_macs(build_model("small_cnn", 1, 10), (1, 8, 8)) > 0
 
@@ -231,7 +231,7 @@ def test_markdown_report_has_every_part():
 
 
 def test_import_is_cheap():
-    code = ("import sys, kdpipe.metrics, kdpipe.plots, kdpipe.report, kdpipe.shipping, kdpipe.registrations; "
+    code = ("import sys, kdpipe.metrics, kdpipe.report.plots, kdpipe.report.markdown, kdpipe.ship.shipping, kdpipe.ship.registrations; "
             "heavy = [m for m in ('sklearn', 'matplotlib', 'torchvision', 'onnx', 'mlflow') if m in sys.modules]; "
             "assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,4 +1,4 @@
-"""Tests for kdpipe.export: a checked, self-contained ONNX file with a dynamic batch, torch-vs-onnxruntime parity
+"""Tests for kdpipe.ship.onnx_export: a checked, self-contained ONNX file with a dynamic batch, torch-vs-onnxruntime parity
 (and a broken export that fails it), latency, int8 quantisation that keeps accuracy, and atomic writes."""
 
 import subprocess
@@ -9,7 +9,8 @@ import onnx
 import pytest
 import torch
 
-from kdpipe.export import (
+from kdpipe.models.zoo import build_model
+from kdpipe.ship.onnx_export import (
     ExportError,
     export_onnx,
     onnx_accuracy,
@@ -20,7 +21,6 @@ from kdpipe.export import (
     quantize_int8,
     read_metadata,
 )
-from kdpipe.models import build_model
 
 METADATA = {"classes": '["left", "right"]', "input_size": "1x8x8", "params_hash": "abc123", "git_commit": "deadbeef"}
 
@@ -182,6 +182,6 @@ def test_missing_file_errors_name_the_file(tmp_path):
 
 
 def test_import_stays_cheap():
-    code = "import sys, kdpipe.export; print(sorted(m for m in ('onnx', 'onnxruntime', 'onnxscript') if m in sys.modules))"
+    code = "import sys, kdpipe.ship.onnx_export; print(sorted(m for m in ('onnx', 'onnxruntime', 'onnxscript') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

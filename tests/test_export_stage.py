@@ -19,8 +19,10 @@ import torch
 from conftest import SEEDS, subprocess_env, tiny_params, tiny_pipeline_params, write_params
 from PIL import Image
 
-from kdpipe import config, gate, registry
-from kdpipe.artifacts import build_from_checkpoint, load_prepared
+from kdpipe import config
+from kdpipe.data.prepared import load_prepared
+from kdpipe.models.checkpoint import build_from_checkpoint
+from kdpipe.ship import gate, registry
 from kdpipe.stages import evaluate, export, teacher
 
 STUDENT, TEACHER = "kdpipe-student", "kdpipe-teacher"
@@ -249,10 +251,10 @@ def test_stage_gate_end_to_end(done, tmp_path, monkeypatch):
 def test_parity_failure_fails_the_stage_and_registers_nothing(done, monkeypatch, capsys):
     """The student's ONNX file is corrupted right after export (one weight shifted): the stage exits 1 with
     one line naming the model and the numbers; outputs and registry stay as they were; the run is FAILED."""
-    import kdpipe.export
+    import kdpipe.ship.onnx_export
 
     work, cfg, _ = done
-    real_export = kdpipe.export.export_onnx
+    real_export = kdpipe.ship.onnx_export.export_onnx
 
     def corrupting_export(model, path, *args, **kwargs):
         path = real_export(model, path, *args, **kwargs)
@@ -261,10 +263,10 @@ def test_parity_failure_fails_the_stage_and_registers_nothing(done, monkeypatch,
             weight = next(t for t in proto.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 4)
             array = onnx.numpy_helper.to_array(weight) + 0.5
             weight.CopyFrom(onnx.numpy_helper.from_array(array, weight.name))
-            kdpipe.export.save_checked(proto, path)
+            kdpipe.ship.onnx_export.save_checked(proto, path)
         return path
 
-    monkeypatch.setattr(kdpipe.export, "export_onnx", corrupting_export)
+    monkeypatch.setattr(kdpipe.ship.onnx_export, "export_onnx", corrupting_export)
     before = {name: versions(cfg, name) for name in (STUDENT, TEACHER, f"{STUDENT}-int8")}
     files = {p: (work / p).read_bytes() for p in ("models/student.onnx", "metrics/export.json")}
     assert export.main(["--params", str(work / "params.yaml")]) == 1

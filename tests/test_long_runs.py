@@ -7,12 +7,13 @@ import pytest
 import torch
 from conftest import write_params
 
-from kdpipe import runtime
 from kdpipe.config import StudentConfig
-from kdpipe.data import Split
-from kdpipe.engine import DivergedError, fit
-from kdpipe.models import build_model
+from kdpipe.data.batches import Split
+from kdpipe.models.zoo import build_model
+from kdpipe.run import runtime
 from kdpipe.stages import teacher
+from kdpipe.train.engine import fit
+from kdpipe.train.guards import DivergedError
 
 
 def _toy(n: int = 128) -> Split:
@@ -22,7 +23,7 @@ def _toy(n: int = 128) -> Split:
 
 def _exploding_after(step: int, value: float):
     """A cross-entropy loss that turns into `value` from the given step on (counted over the whole run)."""
-    from kdpipe import losses
+    from kdpipe.distill import losses
 
     seen = []
 
@@ -37,7 +38,7 @@ def _exploding_after(step: int, value: float):
 
 @pytest.mark.parametrize("value, epoch, step", [(float("nan"), 2, 3), (1e6, 1, 6)])
 def test_a_non_finite_or_exploding_loss_stops_fit_naming_the_step(value, epoch, step):
-    from kdpipe.engine import Objective
+    from kdpipe.train.objective import Objective
 
     cfg = StudentConfig(model="small_cnn", epochs=3, batch_size=16, lr=0.05, warmup_epochs=0, patience=0)
     run_step = (epoch - 1) * 8 + step  # 128 images / 16 = 8 steps an epoch
@@ -153,7 +154,7 @@ def test_a_killed_stage_resumes_to_the_uninterrupted_result(stage, tiny_pipeline
 
 
 def test_resume_state_of_other_params_is_dropped_and_said(tmp_path, capsys):
-    from kdpipe.resume import Resume, run_key
+    from kdpipe.train.resume import Resume, run_key
 
     old = Resume.open("distill", tmp_path, run_key({"lr": 0.05}))
     old.save_epoch(0, {"epoch": 3})
@@ -171,7 +172,7 @@ def test_gpu_tags_name_the_device_the_stage_ran_on(monkeypatch):
     """Faked two-GPU host, the stage on cuda:1: the tags describe GPU 1, not GPU 0."""
     from types import SimpleNamespace
 
-    from kdpipe.runtime import Runtime, device_facts
+    from kdpipe.run.runtime import Runtime, device_facts
 
     cards = {0: SimpleNamespace(name="GPU zero", total_memory=16 * 2**30, major=7, minor=0),
              1: SimpleNamespace(name="GPU one", total_memory=80 * 2**30, major=9, minor=0)}

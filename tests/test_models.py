@@ -1,4 +1,4 @@
-"""Tests for kdpipe.models: every zoo name builds, runs on 8×8 and 32×32, and exposes consistent feats."""
+"""Tests for kdpipe.models.zoo: every zoo name builds, runs on 8×8 and 32×32, and exposes consistent feats."""
 
 import re
 import subprocess
@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from kdpipe.models import (
+from kdpipe.models.zoo import (
     MODEL_NAMES,
     Classifier,
     build_model,
@@ -123,5 +123,5 @@ def test_unknown_models(name):
 
 
 def test_import_does_not_load_torchvision():
-    code = "import sys, kdpipe.models; assert 'torchvision' not in sys.modules"
+    code = "import sys, kdpipe.models.zoo; assert 'torchvision' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

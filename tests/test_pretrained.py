@@ -9,8 +9,8 @@ import torchvision
 from conftest import write_params
 
 from kdpipe import config
-from kdpipe.artifacts import build_from_checkpoint
-from kdpipe.models import cached_weights_file, pretrained_torchvision, torchvision_weights
+from kdpipe.models.checkpoint import build_from_checkpoint
+from kdpipe.models.zoo import cached_weights_file, pretrained_torchvision, torchvision_weights
 from kdpipe.stages import distill, teacher
 
 ARCH, WEIGHTS = "resnet18", "IMAGENET1K_V1"
@@ -97,7 +97,7 @@ def test_a_teacher_sees_its_input_size_and_keeps_it_in_its_checkpoint(tiny_pipel
     assert feats[0].shape[-1] == 16  # small_cnn's first stage keeps the resolution it was given: 16, not 8
     plain = build_from_checkpoint(tiny_pipeline.work / "models/teacher.pt")[0]
     assert plain.input_size is None and plain.forward_features(torch.rand(2, 1, 8, 8))[1][0].shape[-1] == 8
-    from kdpipe.export import export_onnx, parity
+    from kdpipe.ship.onnx_export import export_onnx, parity
 
     path = export_onnx(model, tmp_path / "teacher.onnx", (1, 8, 8), metadata={})
     images = torch.randint(0, 256, (16, 1, 8, 8), dtype=torch.uint8)

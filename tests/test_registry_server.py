@@ -1,4 +1,4 @@
-"""The registry as a team sees it: a real `mlflow server` over a store where kdpipe.registry registered two
+"""The registry as a team sees it: a real `mlflow server` over a store where kdpipe.ship.registry registered two
 versions of a tiny ONNX model; the REST API reports the model and where its aliases point."""
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import pytest
 import torch
 from conftest import subprocess_env
 
-from kdpipe import registry
-from kdpipe.export import export_onnx
-from kdpipe.models import build_model
+from kdpipe.models.zoo import build_model
+from kdpipe.ship import registrations
+from kdpipe.ship.onnx_export import export_onnx
 
 pytestmark = pytest.mark.slow
 NAME = "kdpipe-student"
@@ -40,7 +40,7 @@ def get(base: str, path: str) -> dict:
 
 
 def populate(store: Path, folder: Path) -> None:
-    """Two versions through kdpipe.registry: v1 (acc 0.9) takes champion, v2 (acc 0.8) only candidate."""
+    """Two versions through kdpipe.ship.registry: v1 (acc 0.9) takes champion, v2 (acc 0.8) only candidate."""
     uri = f"sqlite:///{store}"
     mlflow.set_tracking_uri(uri)
     experiment = mlflow.create_experiment("kdpipe", artifact_location=(folder / "mlartifacts").as_uri())
@@ -49,9 +49,9 @@ def populate(store: Path, folder: Path) -> None:
     example = torch.rand(2, 1, 8, 8).numpy()
     with mlflow.start_run(experiment_id=experiment):
         for accuracy in (0.9, 0.8):
-            entry = registry.Registration(name=NAME, onnx_path=onnx_path, artifact_name="student",
+            entry = registrations.Registration(name=NAME, onnx_path=onnx_path, artifact_name="student",
                                           test_accuracy=accuracy, dataset_digest="d1", tags={"method": "kd"})
-            registry.register_onnx(entry, example)
+            registrations.register_onnx(entry, example)
 
 
 def wait_healthy(base: str, server: subprocess.Popen) -> None:

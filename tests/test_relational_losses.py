@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from kdpipe import config, losses
-from kdpipe import distillation as kd
-from kdpipe.models import build_model
+from kdpipe import config
+from kdpipe.distill import feature_losses, losses, methods
+from kdpipe.models.zoo import build_model
+from kdpipe.train import distiller as kd
 
 
 def _fixed(*shape, seed=0):
@@ -57,7 +58,7 @@ def test_rkd_matches_the_formula():
 
     s_np, t_np = s.numpy(), t.numpy()
     expected = 25 * _huber(dist(s_np), dist(t_np)) + 50 * _huber(angles(s_np), angles(t_np))
-    assert losses.rkd_loss(s, t).item() == pytest.approx(expected, rel=1e-5)
+    assert feature_losses.rkd_loss(s, t).item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_pkt_matches_the_formula():
@@ -70,7 +71,7 @@ def test_pkt_matches_the_formula():
 
     p_s, p_t = affinities(s.numpy()), affinities(t.numpy())
     expected = np.mean(p_t * np.log((p_t + eps) / (p_s + eps)))
-    assert losses.pkt_loss(s, t).item() == pytest.approx(expected, rel=1e-6)
+    assert feature_losses.pkt_loss(s, t).item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_sp_matches_the_formula():
@@ -82,14 +83,14 @@ def test_sp_matches_the_formula():
         return g / np.linalg.norm(g, axis=1, keepdims=True)
 
     expected = ((gram(t.numpy()) - gram(s.numpy())) ** 2).sum() / 16
-    assert losses.sp_loss(s, t).item() == pytest.approx(expected, rel=1e-6)
+    assert feature_losses.sp_loss(s, t).item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_each_is_zero_when_the_student_matches_the_teacher_and_positive_otherwise():
     logits, feats = _fixed(8, 10), _fixed(8, 6, 3, 3)
     # 0 up to the eps = 1e-8 of the official code in the Pearson denominators (products of ~1e-2 norms)
     assert losses.dist_loss(logits, logits.clone(), 1.0).item() == pytest.approx(0, abs=1e-5)
-    for fn in (losses.rkd_loss, losses.pkt_loss, losses.sp_loss):
+    for fn in (feature_losses.rkd_loss, feature_losses.pkt_loss, feature_losses.sp_loss):
         assert fn(feats, 3.0 * feats).item() == pytest.approx(0, abs=1e-9), fn.__name__  # scale-invariant
         assert fn(feats, _fixed(8, 6, 3, 3, seed=5)).item() > 1e-6, fn.__name__
     assert losses.dist_loss(logits, _fixed(8, 10, seed=5), 4.0).item() > 1e-3
@@ -98,7 +99,7 @@ def test_each_is_zero_when_the_student_matches_the_teacher_and_positive_otherwis
 def test_gradients_reach_the_student_only():
     s = _fixed(6, 4, 2, 2).requires_grad_()
     t = _fixed(6, 8, 2, 2, seed=1).requires_grad_()
-    for fn in (losses.rkd_loss, losses.pkt_loss, losses.sp_loss):
+    for fn in (feature_losses.rkd_loss, feature_losses.pkt_loss, feature_losses.sp_loss):
         s.grad = t.grad = None
         fn(s, t).backward()
         assert s.grad is not None and torch.isfinite(s.grad).all() and t.grad is None, fn.__name__
@@ -108,7 +109,7 @@ def test_gradients_reach_the_student_only():
 def test_presets_train_a_real_student_and_list_their_papers(method):
     cfg = config.DistillConfig(method=method)
     weights = cfg.resolved_weights()
-    assert losses.needs_features(weights) == (method != "dist")  # no cached logits for relational terms
+    assert methods.needs_features(weights) == (method != "dist")  # no cached logits for relational terms
     teacher = kd.freeze(build_model("small_cnn", 1, 10))
     student = build_model("tiny_cnn", 1, 10)
     loss_fn = kd.distill_loss(cfg, teacher)
@@ -116,4 +117,4 @@ def test_presets_train_a_real_student_and_list_their_papers(method):
     parts["loss"].backward()
     assert set(parts) == {"loss", "ce", method} and torch.isfinite(parts["loss"])
     assert all(p.grad is not None for p in student.parameters())
-    assert "20" in losses.LOSSES[method]  # the line `kdpipe list losses` prints names the paper's year
+    assert "20" in methods.LOSSES[method]  # the line `kdpipe list losses` prints names the paper's year

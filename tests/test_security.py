@@ -18,7 +18,7 @@ from conftest import REPO
 from mlflow.tracking._tracking_service import utils as tracking_utils
 from PIL import Image
 
-from kdpipe import cli, config, tracking
+from kdpipe import cli, config, store, tracking
 
 # ------------------------------------------------------------------------------ torch.load(weights_only=True)
 
@@ -70,7 +70,7 @@ def test_every_torch_load_in_kdpipe_is_weights_only():
     calls = {}
     for path in sorted((REPO / "kdpipe").rglob("*.py")):
         calls.update(torch_loads(path.read_text(), str(path.relative_to(REPO))))
-    assert calls  # the scan finds the real calls (kdpipe/artifacts.py), not nothing
+    assert calls  # the scan finds the real calls (kdpipe/files.py), not nothing
     assert [where for where, safe in calls.items() if not safe] == []
 
 
@@ -138,8 +138,8 @@ def test_redacted_params(home):
 def test_stage_run_logs_redacted_params(home, monkeypatch):
     """A real run in a temp sqlite store; the params read back hold no secret, home path or env value."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setattr(tracking, "_USER_URI", None)
-    monkeypatch.setattr(tracking, "_MLFLOW_SET", {})
+    monkeypatch.setattr(store, "_USER_URI", None)
+    monkeypatch.setattr(store, "_MLFLOW_SET", {})
     monkeypatch.setattr(tracking_utils, "_tracking_uri", None)  # stage_run sets mlflow's global: restored
     monkeypatch.setenv("KDPIPE_TEST_SECRET", "envs3cr3t")
     cfg = leaky_config(home, uri=f"sqlite:///{home / 'mlflow.db'}")

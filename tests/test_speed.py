@@ -9,15 +9,17 @@ import pytest
 import torch
 from conftest import tiny_params, write_params
 
-from kdpipe import config, runtime
-from kdpipe import distillation as kd
+from kdpipe import config
 from kdpipe.config import ConfigError, StudentConfig
-from kdpipe.data import Split
-from kdpipe.engine import Objective, _Trainer
-from kdpipe.models import build_model
-from kdpipe.runtime import Runtime, resolve_precision
+from kdpipe.data.batches import Split
+from kdpipe.distill.views import label_views
+from kdpipe.models.zoo import build_model
+from kdpipe.run import runtime
+from kdpipe.run.runtime import Runtime, resolve_precision
 from kdpipe.stages import distill
-from kdpipe.views import label_views
+from kdpipe.train import distiller as kd
+from kdpipe.train.engine import _Trainer
+from kdpipe.train.objective import Objective
 
 CUDA, CPU = torch.device("cuda"), torch.device("cpu")
 

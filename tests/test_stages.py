@@ -10,8 +10,8 @@ import torch
 from conftest import dvc_stage_names, tiny_params, write_params
 
 from kdpipe import config
-from kdpipe.artifacts import load_prepared
-from kdpipe.models import build_model
+from kdpipe.data.prepared import load_prepared
+from kdpipe.models.zoo import build_model
 from kdpipe.stages import teacher
 
 

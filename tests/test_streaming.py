@@ -11,14 +11,16 @@ import pytest
 import torch
 from PIL import Image
 
-from kdpipe import config, data, datasets, imagefolder
-from kdpipe.artifacts import load_prepared
-from kdpipe.data import DataError, Split
-from kdpipe.engine import fit
-from kdpipe.models import build_model
-from kdpipe.ondisk import OnDiskArray, stage_npy
-from kdpipe.runtime import Runtime
+from kdpipe import config
+from kdpipe.data import datasets, imagefolder, splits
+from kdpipe.data.batches import Split
+from kdpipe.data.ondisk import OnDiskArray, stage_npy
+from kdpipe.data.prepared import load_prepared
+from kdpipe.data.splits import DataError
+from kdpipe.models.zoo import build_model
+from kdpipe.run.runtime import Runtime
 from kdpipe.stages import distill, prepare, teacher
+from kdpipe.train.engine import fit
 
 CPU = torch.device("cpu")
 
@@ -55,12 +57,12 @@ def test_on_disk_array_names_a_truncated_file(tmp_path):
 
 
 def test_digest_and_statistics_are_the_same_on_disk(tmp_path, monkeypatch):
-    monkeypatch.setattr("kdpipe.ondisk.CHUNK_BYTES", 640)  # ten images a chunk: the chunked passes really chunk
+    monkeypatch.setattr("kdpipe.data.ondisk.CHUNK_BYTES", 640)  # ten images a chunk: the chunked passes really chunk
     raw = datasets.load_raw("digits", tmp_path)
-    prepared = data.prepare_dataset(raw, 0.15, 0.2, seed=0)
+    prepared = splits.prepare_dataset(raw, 0.15, 0.2, seed=0)
     on_disk = {**prepared, **{k: _on_disk(tmp_path, prepared[k], f"{k}.npy") for k in ("train_x", "val_x", "test_x")}}
-    assert data.dataset_digest(on_disk) == prepared["digest"]
-    assert data.channel_stats(on_disk["train_x"]) == data.channel_stats(prepared["train_x"])
+    assert splits.dataset_digest(on_disk) == prepared["digest"]
+    assert splits.channel_stats(on_disk["train_x"]) == splits.channel_stats(prepared["train_x"])
 
 
 def write_as_folder(root, x: torch.Tensor, y: torch.Tensor, classes: list[str]) -> None:
@@ -83,7 +85,7 @@ def digits_folder(tmp_path_factory):
 def test_image_folder_decodes_in_parallel_to_the_same_dataset(digits_folder, tmp_path):
     """The streamed prepare (4 decoder processes, a chunk at a time) gives the splits, images and digest of loading
     the folder whole and splitting it in memory; a train_subset is taken before the split, as in memory."""
-    whole = data.prepare_dataset(data.subset(imagefolder.load(digits_folder, 8), 1000, 0), 0.15, 0.2, seed=0)
+    whole = splits.prepare_dataset(splits.subset(imagefolder.load(digits_folder, 8), 1000, 0), 0.15, 0.2, seed=0)
     path = tmp_path / "prepared" / "dataset.pt"
     streamed = imagefolder.prepare_to_disk(digits_folder, 8, path, val_fraction=0.15, test_fraction=0.2, seed=0,
                                            train_subset=1000, workers=4)

@@ -4,7 +4,7 @@ The teacher comes from models/teacher.pt (trained, or brought with teacher.sourc
 logits over the training split are read from models/teacher_outputs.pt when the student sees
 un-augmented images and only logits are needed; otherwise it runs on each augmented batch. With
 curriculum.enabled, each epoch draws from the easiest samples first, by the teacher's own loss.
-How: kdpipe/distillation.py (teacher, cache policy, loss, hint phase), then kdpipe/engine.py (the loop).
+How: kdpipe/train/distiller.py (teacher, cache policy, loss, hint phase), then kdpipe/train/engine.py (the loop).
 """
 
 from __future__ import annotations
@@ -20,11 +20,12 @@ OUTPUTS = ("models", "metrics", "plots")  # the paths.* folders it writes, check
 
 
 def run(cfg: Config) -> dict:
-    from kdpipe import seeds, stagekit
-    from kdpipe.distillation import Distiller
-    from kdpipe.verify import file_md5  # the same content hash `kdpipe verify` checks outputs with
+    from kdpipe.files import file_md5  # the same content hash `kdpipe verify` checks outputs with
+    from kdpipe.run import stage
+    from kdpipe.train import students
+    from kdpipe.train.distiller import Distiller
 
-    ctx = stagekit.start(cfg, OUTPUTS)
+    ctx = stage.start(cfg, OUTPUTS)
     distiller = Distiller.load(cfg, ctx.paths, ctx.prepared, ctx.rt)  # before any run opens or file is written
     views = {}
     if cfg.distill.teacher_views:
@@ -36,7 +37,7 @@ def run(cfg: Config) -> dict:
     tags = {"method": cfg.distill.method, "weights": json.dumps(distiller.weights), "teacher_model": cfg.teacher.model,
             "teacher_outputs": distiller.teacher_outputs,
             "curriculum": cfg.curriculum.ordering if cfg.curriculum.enabled else "off"}
-    return seeds.student_stage(
+    return students.student_stage(
         STAGE, ctx, params=params, tags=tags,
         objective_for=lambda student, seed: distiller.objective(student, seed, ctx.splits),
         extra_metrics={"method": cfg.distill.method, "weights": distiller.weights,
@@ -46,19 +47,19 @@ def run(cfg: Config) -> dict:
 
 def save_views(path: Path, views, digest: str, cfg: Config) -> None:
     """The labelled views beside the students (what they were taught with), with the params that made them."""
-    from kdpipe.artifacts import save_torch
+    from kdpipe.files import save_torch
 
     save_torch(path, {**views.state(), "dataset_digest": digest, "seed": cfg.seed,
                       "teacher_views": cfg.distill.teacher_views, "teacher_model": cfg.teacher.model})
 
 
 def main(argv: list[str] | None = None) -> int:
-    from kdpipe.stagekit import run_stage
+    from kdpipe.run.stage import run_stage
 
     return run_stage(STAGE, run, argv)
 
 
 if __name__ == "__main__":
-    from kdpipe.stagekit import exit_now
+    from kdpipe.run.stage import exit_now
 
     exit_now(main())

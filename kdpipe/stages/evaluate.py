@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from kdpipe.config import Config
 
 if TYPE_CHECKING:
-    from kdpipe.stagekit import StageContext
+    from kdpipe.run.stage import StageContext
 
 STAGE = "evaluate"
 OUTPUTS = ("metrics", "reports")  # the paths.* folders it writes, checked before any work
@@ -28,8 +28,8 @@ STUDENT_STAGES = {"scratch": "scratch", "distilled": "distill"}  # report label 
 def load_models(ctx: StageContext) -> dict[str, list]:
     """label → [(seed or None, model)], each checkpoint checked against the prepared data. An ensemble teacher
     adds its members (by seed) and the ensemble itself (averaged logits) as rows of their own."""
-    from kdpipe.artifacts import ensemble_members, load_trained
-    from kdpipe.models import Ensemble
+    from kdpipe.models.checkpoint import ensemble_members, load_trained
+    from kdpipe.models.zoo import Ensemble
 
     paths, digest = ctx.paths, ctx.digest
     teacher, ckpt = load_trained(paths.teacher, digest, stage="teacher")
@@ -46,7 +46,7 @@ def load_models(ctx: StageContext) -> dict[str, list]:
 
 
 def choose_seed(val_scores: dict[int, dict]) -> dict:
-    """The distilled seed to ship, from `val_scores`: seed → engine.score on the validation split.
+    """The distilled seed to ship, from `val_scores`: seed → inference.score on the validation split.
 
     Best validation accuracy; ties (common on small validation splits) go to the lower validation loss, then
     to the lower seed. The test split never chooses. Returns {seed, rule, val_accuracy, tied_seeds, val_loss},
@@ -63,9 +63,9 @@ def choose_seed(val_scores: dict[int, dict]) -> dict:
 
 def shipped_seed(ctx: StageContext, students: list[tuple]) -> dict:
     """choose_seed over the distilled students, scored on the validation split as the distill stage scored
-    them when it trained them (engine.score), so the choice matches distill.json's val_accuracy."""
-    from kdpipe.data import Split
-    from kdpipe.engine import score
+    them when it trained them (inference.score), so the choice matches distill.json's val_accuracy."""
+    from kdpipe.data.batches import Split
+    from kdpipe.train.inference import score
 
     val = Split(ctx.prepared["val_x"], ctx.prepared["val_y"])  # on the host: score moves each batch
     return choose_seed({seed: score(ctx.rt.prepare(model), val, ctx.rt) for seed, model in students})
@@ -73,8 +73,8 @@ def shipped_seed(ctx: StageContext, students: list[tuple]) -> dict:
 
 def score_model(model, prepared: dict, rt) -> dict:
     """Test-split metrics of one model (no cost figures)."""
-    from kdpipe.engine import predict
     from kdpipe.metrics import classification_metrics
+    from kdpipe.train.inference import predict
 
     logits = predict(rt.prepare(model), prepared["test_x"], rt)
     return classification_metrics(logits, prepared["test_y"], prepared["classes"])
@@ -83,7 +83,7 @@ def score_model(model, prepared: dict, rt) -> dict:
 def cost(model, shape) -> dict:
     """Size and speed of one model: parameters, MACs per image, PyTorch CPU ms per image."""
     from kdpipe.metrics import count_macs, cpu_latency_ms
-    from kdpipe.models import count_parameters
+    from kdpipe.models.zoo import count_parameters
 
     return {"model": model.name, "num_parameters": count_parameters(model), "macs": count_macs(model, shape),
             "latency_ms": cpu_latency_ms(model, shape, batch_size=1)}
@@ -110,9 +110,9 @@ def summarise(scored: list[tuple], costs: dict) -> dict:
 def write_report(ctx: StageContext, results: dict, scored: dict) -> Path:
     """reports/evaluate/evaluate.md with the headline table, classification reports, confusion matrices,
     curves."""
-    from kdpipe.artifacts import write_text
-    from kdpipe.plots import confusion_png, curves_png
-    from kdpipe.report import evaluate_table, markdown_report
+    from kdpipe.files import write_text
+    from kdpipe.report.markdown import evaluate_table, markdown_report
+    from kdpipe.report.plots import confusion_png, curves_png
 
     cfg, prepared, reports = ctx.cfg, ctx.prepared, ctx.paths.reports(STAGE)
     images, sections = {}, {}
@@ -158,8 +158,8 @@ def evaluate(ctx: StageContext, models: dict[str, list]) -> tuple[dict, dict]:
 def run(cfg: Config) -> dict:
     """Load and check every model → score and cost them → choose the seed to ship → metrics, report, MLflow."""
     from kdpipe import tracking
-    from kdpipe.artifacts import write_json
-    from kdpipe.stagekit import start
+    from kdpipe.files import write_json
+    from kdpipe.run.stage import start
 
     ctx = start(cfg, OUTPUTS, exact=True)  # fp32: the scores of the weights that ship (ONNX)
     models = load_models(ctx)
@@ -181,12 +181,12 @@ def run(cfg: Config) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """python -m kdpipe.stages.evaluate [--params FILE]; exit 2 with one line on a user error."""
-    from kdpipe.stagekit import run_stage
+    from kdpipe.run.stage import run_stage
 
     return run_stage(STAGE, run, argv)
 
 
 if __name__ == "__main__":
-    from kdpipe.stagekit import exit_now
+    from kdpipe.run.stage import exit_now
 
     exit_now(main())

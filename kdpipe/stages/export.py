@@ -6,7 +6,7 @@ float32 [0, 1] NCHW input, provenance in the metadata) into a staging folder and
 whole test split; if either fails parity the stage fails (exit 1, one line) with nothing moved into place and
 nothing registered, and its MLflow run is marked FAILED. Then: onnxruntime CPU latency at batch 1 and 64, the
 scratch student's latency (for the trade-off plot), static int8, and, with export.registry, a registry version
-of each model under the candidate/champion rule of kdpipe/gate.py.
+of each model under the candidate/champion rule of kdpipe/ship/gate.py.
 
 Outputs: models/student.onnx, models/teacher.onnx, models/int8/student.int8.onnx (with export.int8),
 metrics/export.json, reports/export/ (report.md, tradeoff.png). Registry versions are a side effect DVC cannot see.
@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING
 from kdpipe.config import Config
 
 if TYPE_CHECKING:
-    from kdpipe.shipping import Models, Shipment
-    from kdpipe.stagekit import StageContext
+    from kdpipe.run.stage import StageContext
+    from kdpipe.ship.shipping import Models, Shipment
 
 STAGE = "export"
 OUTPUTS = ("models", "metrics", "reports")  # the paths.* folders it writes, checked before any work
@@ -32,9 +32,10 @@ REPORT, TRADEOFF = "report.md", "tradeoff.png"  # inside reports/export/
 
 def run(cfg: Config) -> dict:
     """Inputs checked → ONNX exported and checked → measured → placed → registered → metrics, report, MLflow."""
-    from kdpipe import shipping, tracking
-    from kdpipe.artifacts import write_json
-    from kdpipe.stagekit import start
+    from kdpipe import tracking
+    from kdpipe.files import write_json
+    from kdpipe.run.stage import start
+    from kdpipe.ship import shipping
 
     ctx = start(cfg, OUTPUTS, exact=True)  # it trains nothing: its PyTorch side is the fp32 reference
     models, evaluated = load_inputs(ctx)
@@ -59,8 +60,8 @@ def run(cfg: Config) -> dict:
 def load_inputs(ctx: StageContext) -> tuple[Models, dict]:
     """(shipping.Models, evaluate.json's dict): the seed the evaluate stage chose, its distilled and scratch
     students and the teacher, each checked against the prepared data before any work."""
-    from kdpipe.artifacts import load_trained
-    from kdpipe.shipping import Models
+    from kdpipe.models.checkpoint import load_trained
+    from kdpipe.ship.shipping import Models
 
     evaluated = read_evaluated(ctx)
     seed, paths, digest = evaluated["shipped"]["seed"], ctx.paths, ctx.digest
@@ -72,7 +73,7 @@ def load_inputs(ctx: StageContext) -> tuple[Models, dict]:
 
 def read_evaluated(ctx: StageContext) -> dict:
     """metrics/evaluate.json, made on this dataset for these seeds; CheckpointError (a user error) otherwise."""
-    from kdpipe.artifacts import CheckpointError, require_same_data
+    from kdpipe.models.checkpoint import CheckpointError, require_same_data
 
     path, rerun = ctx.paths.metrics("evaluate"), "rerun the evaluate stage (dvc repro evaluate)"
     if not path.is_file():
@@ -88,8 +89,8 @@ def read_evaluated(ctx: StageContext) -> dict:
 
 def register(ctx: StageContext, models: Models, shipment: Shipment, metrics: dict, git: dict) -> dict:
     """Registry versions of the shipped files (int8 only within export.int8_max_accuracy_drop)."""
-    from kdpipe.registrations import Release
-    from kdpipe.registrations import register as register_versions
+    from kdpipe.ship.registrations import Release
+    from kdpipe.ship.registrations import register as register_versions
 
     release = Release(ctx.cfg, ctx.digest, git["git_commit"], models, shipment)
     return register_versions(release, ctx.prepared["test_x"], ctx.paths.teacher, int8=metrics["int8_registrable"])
@@ -139,9 +140,9 @@ def with_registry(metrics: dict, registered: dict) -> dict:
 
 def write_report(ctx: StageContext, metrics: dict, shipment: Shipment, evaluated: dict) -> Path:
     """reports/export/report.md, with tradeoff.png beside it."""
-    from kdpipe.artifacts import write_text
-    from kdpipe.plots import tradeoff_png
-    from kdpipe.report import export_report, tradeoff_points
+    from kdpipe.files import write_text
+    from kdpipe.report.markdown import export_report, tradeoff_points
+    from kdpipe.report.plots import tradeoff_png
 
     folder = ctx.paths.reports(STAGE)
     png = tradeoff_png(tradeoff_points(metrics, shipment, evaluated), folder / TRADEOFF)
@@ -171,8 +172,8 @@ def summary(m: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Like every stage, plus: a failed export check (parity, checker, quantisation) is a stage failure,
     reported as one line with exit code 1 (user-input errors keep exit code 2)."""
-    from kdpipe.export import ExportError
-    from kdpipe.stagekit import run_stage
+    from kdpipe.run.stage import run_stage
+    from kdpipe.ship.onnx_export import ExportError
 
     try:
         return run_stage(STAGE, run, argv)
@@ -182,6 +183,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from kdpipe.stagekit import exit_now
+    from kdpipe.run.stage import exit_now
 
     exit_now(main())

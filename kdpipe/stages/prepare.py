@@ -30,11 +30,11 @@ def prepare(cfg: Config, path: Path) -> dict:
     whose split arrays are streamed to temporary names beside `path` (Paths.dataset) for save_prepared."""
     import os
 
-    from kdpipe.data import prepare_dataset, subset
-    from kdpipe.datasets import load_raw
+    from kdpipe.data.datasets import load_raw
+    from kdpipe.data.splits import prepare_dataset, subset
 
     if cfg.data.dataset == "imagefolder":
-        from kdpipe.imagefolder import prepare_to_disk
+        from kdpipe.data.imagefolder import prepare_to_disk
 
         return prepare_to_disk(dataset_root(cfg), cfg.data.image_size, path, val_fraction=cfg.data.val_fraction,
                                test_fraction=cfg.data.test_fraction, seed=cfg.seed,
@@ -62,11 +62,13 @@ def summary(prepared: dict, cfg: Config) -> dict:
 
 
 def run(cfg: Config) -> dict:
-    from kdpipe import stagekit, tracking
-    from kdpipe.artifacts import IMAGE_SPLITS, save_prepared, write_json
+    from kdpipe import tracking
+    from kdpipe.data.prepared import IMAGE_SPLITS, save_prepared
+    from kdpipe.files import write_json
     from kdpipe.paths import Paths
+    from kdpipe.run import stage
 
-    stagekit.preflight(cfg, OUTPUTS)
+    stage.preflight(cfg, OUTPUTS)
     t0 = time.perf_counter()
     paths = Paths(cfg.paths)
     prepared = prepare(cfg, paths.dataset)
@@ -88,12 +90,12 @@ def run(cfg: Config) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from kdpipe.stagekit import run_stage
+    from kdpipe.run.stage import run_stage
 
     return run_stage(STAGE, run, argv)
 
 
 if __name__ == "__main__":
-    from kdpipe.stagekit import exit_now
+    from kdpipe.run.stage import exit_now
 
     exit_now(main())

@@ -13,20 +13,21 @@ OUTPUTS = ("models", "metrics", "plots")  # the paths.* folders it writes, check
 
 
 def run(cfg: Config) -> dict:
-    from kdpipe import seeds, stagekit
+    from kdpipe.run import stage
+    from kdpipe.train import students
 
     params = {"seed": cfg.seed, "data": cfg.data.model_dump(mode="json"), "runtime": cfg.runtime.model_dump(mode="json"),
               "student": cfg.student.model_dump(mode="json")}
-    return seeds.student_stage(STAGE, stagekit.start(cfg, OUTPUTS), params=params, tags={"method": "ce"})
+    return students.student_stage(STAGE, stage.start(cfg, OUTPUTS), params=params, tags={"method": "ce"})
 
 
 def main(argv: list[str] | None = None) -> int:
-    from kdpipe.stagekit import run_stage
+    from kdpipe.run.stage import run_stage
 
     return run_stage(STAGE, run, argv)
 
 
 if __name__ == "__main__":
-    from kdpipe.stagekit import exit_now
+    from kdpipe.run.stage import exit_now
 
     exit_now(main())

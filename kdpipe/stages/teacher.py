@@ -27,7 +27,7 @@ OUTPUTS = ("models", "metrics", "plots")  # the paths.* folders it writes, check
 
 def new_teacher(cfg: Config, prepared: dict, rt):
     """teacher.model, freshly initialised for this dataset, on the device."""
-    from kdpipe.models import build_model
+    from kdpipe.models.zoo import build_model
 
     c = prepared["image_shape"][0]
     return rt.prepare(build_model(cfg.teacher.model, c, len(prepared["classes"]), mean=prepared["mean"],
@@ -36,8 +36,8 @@ def new_teacher(cfg: Config, prepared: dict, rt):
 
 def train_teacher(cfg: Config, prepared: dict, rt, splits, on_epoch=None, resume=None, model=None, seed=None):
     """Worker: build and fit the teacher (with `seed`, default the params' seed), or fine-tune `model` (a brought
-    teacher), from where an interrupted run left it with `resume` (a kdpipe.resume.Resume); (model, FitResult)."""
-    from kdpipe.engine import fit
+    teacher), from where an interrupted run left it with `resume` (a kdpipe.train.resume.Resume); (model, FitResult)."""
+    from kdpipe.train.engine import fit
 
     seed = cfg.seed if seed is None else seed
     if model is None:  # a brought teacher is prepared already (run() scores it whether or not it trains)
@@ -58,8 +58,8 @@ def train_ensemble(cfg: Config, ctx, resume, log_epoch) -> list[tuple]:
     after a kill trains only what is left."""
     import dataclasses
 
-    from kdpipe.engine import FitResult
-    from kdpipe.runtime import seed_everything
+    from kdpipe.run.runtime import seed_everything
+    from kdpipe.train.engine import FitResult
 
     members = []
     for k in range(cfg.teacher.ensemble):
@@ -84,7 +84,7 @@ def train_ensemble(cfg: Config, ctx, resume, log_epoch) -> list[tuple]:
 def bring_teacher(cfg: Config, prepared: dict, path: str | Path | None = None, where: str | None = None):
     """Load a user's teacher (`path`, default teacher.checkpoint) and check it fits this dataset (classes,
     channels) before any work. `where` names it in errors (default "teacher.checkpoint: <path>")."""
-    from kdpipe.artifacts import CheckpointError, build_from_checkpoint
+    from kdpipe.models.checkpoint import CheckpointError, build_from_checkpoint
 
     c, n = prepared["image_shape"][0], len(prepared["classes"])
     path = path or cfg.teacher.checkpoint
@@ -112,7 +112,7 @@ def bring_teacher(cfg: Config, prepared: dict, path: str | Path | None = None, w
 def torchvision_teacher(cfg: Config, prepared: dict):
     """teacher.model tv:<name> with torchvision's pretrained teacher.weights, from the torch hub cache; its head
     is new for this dataset's classes, so it must be fine-tuned (teacher.finetune) unless the classes match."""
-    from kdpipe.models import WeightsError, pretrained_torchvision, torchvision_weights
+    from kdpipe.models.zoo import WeightsError, pretrained_torchvision, torchvision_weights
 
     arch, n = cfg.teacher.model.removeprefix("tv:"), len(prepared["classes"])
     trained_on = len(torchvision_weights(arch, cfg.teacher.weights).meta["categories"])
@@ -127,13 +127,14 @@ def registry_teacher(cfg: Config, prepared: dict):
     A missing model, alias, version or checkpoint is a user error naming the URI."""
     import tempfile
 
-    from kdpipe import registry, tracking
-    from kdpipe.artifacts import CheckpointError
+    from kdpipe import store
+    from kdpipe.models.checkpoint import CheckpointError
+    from kdpipe.ship import registry
 
     uri = cfg.teacher.registry_uri
     with tempfile.TemporaryDirectory(prefix="kdpipe-teacher-") as tmp:
         try:
-            path = registry.download_teacher_checkpoint(uri, tracking.tracking_uri(cfg.tracking), tmp)
+            path = registry.download_teacher_checkpoint(uri, store.tracking_uri(cfg.tracking), tmp)
         except registry.RegistryError as e:
             raise CheckpointError(f"teacher.registry_uri: {e}") from None
         return bring_teacher(cfg, prepared, path, where=f"teacher.registry_uri: {uri}")
@@ -142,9 +143,9 @@ def registry_teacher(cfg: Config, prepared: dict):
 def save_teacher_outputs(path: Path, model, train, rt, digest: str) -> None:
     """The teacher's logits over the un-augmented train split and its per-sample difficulty (its loss on the
     true label), computed once: distillation without augmentation and the curriculum read them here."""
-    from kdpipe.artifacts import save_torch
-    from kdpipe.curriculum import difficulty_from_teacher
-    from kdpipe.engine import predict
+    from kdpipe.distill.curriculum import difficulty_from_teacher
+    from kdpipe.files import save_torch
+    from kdpipe.train.inference import predict
 
     logits = predict(model, train.x, rt)  # (N_train, K) fp32
     save_torch(path, {"train_logits": logits, "difficulty": difficulty_from_teacher(logits, train.y.cpu()),
@@ -156,7 +157,7 @@ def ensemble_metrics(ctx, members: list[tuple]) -> dict:
     test, in fp32: one forward pass per member and split."""
     import torch
 
-    from kdpipe.engine import predict
+    from kdpipe.train.inference import predict
 
     _, val, test = ctx.splits
     exact = ctx.rt.exact()
@@ -175,8 +176,8 @@ def ensemble_metrics(ctx, members: list[tuple]) -> dict:
 
 def teacher_metrics(ctx, model, result, train_seconds: float, params: dict) -> dict:
     """metrics/teacher.json: the restored best teacher scored on val and test, and how it was obtained."""
-    from kdpipe.engine import score
-    from kdpipe.models import count_parameters
+    from kdpipe.models.zoo import count_parameters
+    from kdpipe.train.inference import score
 
     _, val, test = ctx.splits
     exact = ctx.rt.exact()  # reported scores: the fp32 weights that are saved, as evaluate and export see them
@@ -194,8 +195,9 @@ def teacher_metrics(ctx, model, result, train_seconds: float, params: dict) -> d
 def write_outputs(ctx, model, result, metrics: dict, members: list[tuple] = ()) -> None:
     """models/teacher.pt (with the other ensemble members inside), models/teacher_outputs.pt (the ensemble's
     logits when there is one), metrics/teacher.json, plots/teacher.csv."""
-    from kdpipe.artifacts import save_checkpoint, write_csv, write_json
-    from kdpipe.models import Ensemble
+    from kdpipe.files import write_csv, write_json
+    from kdpipe.models.checkpoint import save_checkpoint
+    from kdpipe.models.zoo import Ensemble
 
     paths = ctx.paths
     others = [{"seed": seed, "state_dict": {k: v.detach().cpu() for k, v in m.state_dict().items()}}
@@ -210,11 +212,12 @@ def write_outputs(ctx, model, result, metrics: dict, members: list[tuple] = ()) 
 
 
 def run(cfg: Config) -> dict:
-    from kdpipe import stagekit, tracking
-    from kdpipe.engine import FitResult
-    from kdpipe.resume import Resume, run_key
+    from kdpipe import tracking
+    from kdpipe.run import stage
+    from kdpipe.train.engine import FitResult
+    from kdpipe.train.resume import Resume, run_key
 
-    ctx = stagekit.start(cfg, OUTPUTS)
+    ctx = stage.start(cfg, OUTPUTS)
     bring = {"checkpoint": bring_teacher, "registry": registry_teacher,
              "torchvision": torchvision_teacher}.get(cfg.teacher.source)
     brought = ctx.rt.prepare(bring(cfg, ctx.prepared)) if bring else None
@@ -267,12 +270,12 @@ def state_digest(model) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from kdpipe.stagekit import run_stage
+    from kdpipe.run.stage import run_stage
 
     return run_stage(STAGE, run, argv)
 
 
 if __name__ == "__main__":
-    from kdpipe.stagekit import exit_now
+    from kdpipe.run.stage import exit_now
 
     exit_now(main())

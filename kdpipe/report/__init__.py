@@ -1,0 +1,1 @@
+"""Reports: the evaluation and export reports in Markdown and their plots (PNG)."""

@@ -1,0 +1,118 @@
+"""MLflow model registry, reading back: parse `models:/` URIs, check the store, resolve aliases, and fetch
+registered files (a teacher checkpoint, an ONNX model).
+
+With kdpipe/store.py, kdpipe/tracking.py and kdpipe/ship/registrations.py, the only code that imports mlflow. It imports it
+inside functions, through `store.import_mlflow`, and never imports torch: `kdpipe predict` downloads
+registered models through it without torch. Registering lives in kdpipe/ship/registrations.py, the
+promotion rule in kdpipe/ship/gate.py.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from pathlib import Path
+
+CHECKPOINT_TAG = "checkpoint_artifact"  # on teacher versions: runs:/ URI of the kdpipe checkpoint (.pt)
+ONNX_FILE = "model.onnx"  # where the ONNX flavour keeps the model inside a logged MLflow model
+_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+|latest))$")
+
+
+class RegistryError(Exception):
+    """A registry lookup that failed: the message is one line naming the URI and what is missing."""
+
+
+def mlflow_module():
+    """mlflow as the tracking layer sets it up (telemetry off, INFO chatter hushed), without download
+    progress bars."""
+    import os
+
+    from kdpipe.store import import_mlflow
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    return import_mlflow()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Registering
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading back
+
+
+def parse_uri(uri: str) -> tuple[str, str | None, str | None]:
+    """models:/name@alias → (name, alias, None); models:/name/3 or /latest → (name, None, "3" | "latest")."""
+    match = _URI.match(uri.strip())
+    if not match:
+        raise RegistryError(f"{uri}: not a registry URI; use models:/<name>@<alias> or models:/<name>/<version>")
+    return match["name"], match["alias"], match["version"]
+
+
+def require_store(tracking_uri: str) -> None:
+    """RegistryError unless a sqlite store exists: MLflow would create an empty one (a new mlflow.db wherever
+    the URI points) and then report the model missing from it."""
+    from kdpipe.store import sqlite_path
+
+    path = sqlite_path(tracking_uri)
+    if path is not None and not path.is_file():
+        raise RegistryError(f"{tracking_uri}: no MLflow store at {path}; point the tracking URI at the store "
+                            "that holds the registry")
+
+
+def resolve(uri: str, tracking_uri: str):
+    """The ModelVersion a models:/ URI names, or RegistryError naming the URI and the store."""
+    mlflow = mlflow_module()
+    from mlflow.exceptions import MlflowException
+
+    name, alias, version = parse_uri(uri)
+    require_store(tracking_uri)
+    try:
+        client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        if alias:
+            return client.get_model_version_by_alias(name, alias)
+        if version == "latest":
+            versions = client.search_model_versions(f"name = '{name}'")
+            if not versions:
+                raise RegistryError(f"{uri}: registered model {name!r} has no versions (registry {tracking_uri})")
+            return max(versions, key=lambda v: int(v.version))
+        return client.get_model_version(name, version)
+    except MlflowException as e:
+        first = str(e.message if hasattr(e, "message") else e).strip().splitlines()[0]
+        raise RegistryError(f"{uri}: not found in the registry at {tracking_uri} ({first})") from None
+
+
+def download_teacher_checkpoint(uri: str, tracking_uri: str, dst: str | Path) -> Path:
+    """The kdpipe teacher checkpoint that the export stage logged next to a registered teacher version."""
+    version = resolve(uri, tracking_uri)
+    source = version.tags.get(CHECKPOINT_TAG)
+    if not source:
+        raise RegistryError(f"{uri}: version {version.version} has no {CHECKPOINT_TAG} tag, so no kdpipe "
+                            "checkpoint to reuse (register teachers with the export stage)")
+    return _download(uri, source, dst, tracking_uri)
+
+
+def download_onnx(uri: str, tracking_uri: str, dst: str | Path | None = None) -> Path:
+    """The model.onnx file of a registered version, downloaded into `dst` (a new temp dir by default)."""
+    mlflow = mlflow_module()
+    version = resolve(uri, tracking_uri)
+    dst = Path(dst or tempfile.mkdtemp(prefix="kdpipe-model-"))
+    # The artifact location, asked of this store: a models:/ URI given to download_artifacts is resolved in
+    # mlflow's global registry (./mlflow.db when none is set), whatever tracking_uri says.
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    source = client.get_model_version_download_uri(version.name, version.version)
+    path = _download(uri, source, dst, tracking_uri) / ONNX_FILE
+    if not path.is_file():
+        raise RegistryError(f"{uri}: version {version.version} holds no {ONNX_FILE} (not an ONNX-flavour model)")
+    return path
+
+
+def _download(uri: str, source: str, dst: str | Path, tracking_uri: str) -> Path:
+    """The artifact `source` (a file, folder or runs:/ URI) downloaded into `dst`; RegistryError naming the
+    registry `uri` it belongs to when it cannot be."""
+    mlflow = mlflow_module()
+    try:
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst),
+                                                        tracking_uri=tracking_uri))
+    except Exception as e:  # noqa: BLE001 - missing artifacts surface as several exception types
+        raise RegistryError(f"{uri}: cannot download {source} ({type(e).__name__})") from None

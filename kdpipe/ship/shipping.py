@@ -1,0 +1,234 @@
+"""What the export stage ships, as typed results: the teacher and the chosen student exported to ONNX in a
+staging folder and compared with PyTorch over the whole test split, then timed under onnxruntime, the student
+quantised to int8, and everything renamed into place only once every check passed.
+
+kdpipe/ship/onnx_export.py handles one file at a time; this module knows the roles (teacher, student, int8, and the
+scratch student, exported only to be timed for the trade-off plot) and reads the export.* params.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from torch import Tensor, nn
+
+    from kdpipe.config import Config, ExportConfig
+    from kdpipe.paths import Paths
+
+BIG_BATCH = 64  # the second latency batch size: throughput, where batch 1 is one request
+
+
+@dataclass(frozen=True)
+class Models:
+    """The models to ship, with their checkpoints, and the scratch student of the same seed."""
+
+    teacher: nn.Module
+    teacher_ckpt: dict
+    student: nn.Module
+    student_ckpt: dict
+    scratch: nn.Module  # not shipped: timed only, the trade-off plot's baseline
+    seed: int
+
+    @property
+    def teacher_source(self) -> str:
+        """How the teacher was obtained (train, checkpoint, registry), as its checkpoint records it."""
+        return str(self.teacher_ckpt.get("params", {}).get("teacher", {}).get("source", "unknown"))
+
+
+@dataclass(frozen=True)
+class Latency:
+    """onnxruntime CPU milliseconds per session.run on a whole batch (not per image), median after warm-up."""
+
+    b1: float
+    b64: float
+
+
+@dataclass(frozen=True)
+class Exported:
+    """A fresh ONNX file in the staging folder and how it compares with PyTorch on the test split."""
+
+    role: str
+    path: Path
+    parity: dict  # kdpipe.ship.onnx_export.parity's record: max abs/rel |Δlogit|, argmax agreement, n_images, passed
+    params_hash: str
+
+
+@dataclass(frozen=True)
+class OnnxResult:
+    """One ONNX model measured under onnxruntime: file, size, speed, test accuracy, and its checks."""
+
+    path: Path | None  # None for scratch: its file goes with the staging folder
+    size_bytes: int
+    latency: Latency
+    accuracy: float | None = None  # None for scratch: the evaluate stage's PyTorch mean over seeds stands in
+    parity: dict | None = None  # None where nothing was compared with PyTorch (int8, scratch)
+    params_hash: str | None = None
+
+
+@dataclass(frozen=True)
+class Shipment:
+    """Everything the export stage measured: the shipped files, plus the scratch student for comparison."""
+
+    teacher: OnnxResult
+    student: OnnxResult
+    scratch: OnnxResult
+    int8: OnnxResult | None  # None with export.int8 off
+
+    def shipped(self) -> dict[str, OnnxResult]:
+        """role → result of each file that lands under models/: teacher, student and (when on) int8."""
+        roles = {"teacher": self.teacher, "student": self.student, "int8": self.int8}
+        return {role: result for role, result in roles.items() if result is not None}
+
+    @property
+    def int8_drop(self) -> float | None:
+        """Test accuracy (a fraction) lost by int8 against the fp32 student; None with int8 off."""
+        return None if self.int8 is None else self.student.accuracy - self.int8.accuracy
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Export and parity
+
+
+def params_hash(params: dict) -> str:
+    """sha256 of the canonical JSON (sorted keys, no spaces) of the params that produced a file."""
+    return hashlib.sha256(json.dumps(params, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def provenance(cfg: Config, prepared: dict, model: nn.Module, ckpt: dict, role: str, git: dict,
+               extra: dict) -> dict[str, str]:
+    """ONNX metadata_props: what a consumer needs (classes, input) and where the file came from.
+
+    params_hash covers the params the checkpoint carries (the recipe that made the weights) and the opset.
+    """
+    c, h, w = prepared["image_shape"]
+    return {
+        "classes": json.dumps(list(prepared["classes"])), "input_size": f"{c}x{h}x{w}",
+        "input_format": "float32 (N, C, H, W) in [0, 1] (uint8 / 255); dynamic batch; normalisation inside",
+        "role": role, "model": model.name, "dataset": cfg.data.dataset, "dataset_digest": prepared["digest"],
+        "params_hash": params_hash({"params": ckpt.get("params", {}), "opset": cfg.export.opset}),
+        "git_commit": git["git_commit"], "git_dirty": git["git_dirty"],
+        **{k: str(v) for k, v in extra.items()},
+    }
+
+
+@contextmanager
+def staging(paths: Paths) -> Iterator[Path]:
+    """A hidden temp folder beside the ONNX outputs: files are checked there and renamed into place only when
+    every check passed (same filesystem, so each rename is atomic); it goes, with whatever is left, on exit."""
+    folder = paths.onnx("student").parent
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".export-", dir=folder) as tmp:
+        yield Path(tmp)
+
+
+def export_checked(cfg: Config, prepared: dict, models: Models, paths: Paths, folder: Path,
+                   git: dict) -> dict[str, Exported]:
+    """Teacher and student exported into the staging `folder` (self-contained, dynamic batch, provenance in
+    the metadata) and compared with PyTorch on the whole test split. Nothing raises on a failed comparison:
+    the caller logs the numbers first, then calls `require_parity`."""
+    from kdpipe.ship.onnx_export import export_onnx, parity
+
+    roles = {"teacher": (models.teacher, models.teacher_ckpt, {"teacher_source": models.teacher_source}),
+             "student": (models.student, models.student_ckpt, {"student_seed": models.seed,
+                                                               "method": cfg.distill.method,
+                                                               "teacher": models.teacher.name})}
+    exported = {}
+    for role, (model, ckpt, extra) in roles.items():
+        meta = provenance(cfg, prepared, model, ckpt, role, git, extra)
+        path = export_onnx(model, folder / paths.onnx(role).name, tuple(prepared["image_shape"]),
+                           opset=cfg.export.opset, metadata=meta)
+        checked = parity(model, path, prepared["test_x"], atol=cfg.export.parity_atol,
+                         min_agreement=cfg.export.parity_min_agreement)
+        exported[role] = Exported(role, path, checked, meta["params_hash"])
+    return exported
+
+
+def parity_metrics(exported: dict[str, Exported]) -> dict[str, float]:
+    """The parity numbers as MLflow metrics, e.g. student/parity_max_abs_diff, student/passed."""
+    return {f"{role}/{key}": value for role, e in exported.items() for key, value in e.parity.items()}
+
+
+def require_parity(exported: dict[str, Exported], opts: ExportConfig) -> None:
+    """ExportError with one line (which model, which numbers, which limits) for the first failed check."""
+    from kdpipe.ship.onnx_export import ExportError
+
+    for e in exported.values():
+        p = e.parity
+        if not p["passed"]:
+            raise ExportError(
+                f"parity failed for the {e.role} ({e.path.name}): max |Δlogit| {p['parity_max_abs_diff']:.3g} "
+                f"(limit {opts.parity_atol:g}), argmax agreement {p['argmax_agreement']:.4f} "
+                f"(limit {opts.parity_min_agreement:g}) over {p['n_images']} test images; nothing registered")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Measuring and placing
+
+
+def measure(cfg: Config, prepared: dict, models: Models, exported: dict[str, Exported], paths: Paths,
+            folder: Path) -> Shipment:
+    """After parity passed: the scratch student timed, the student quantised (export.int8), then onnxruntime
+    test accuracy, latency and size of every shipped file. Files stay in the staging `folder`."""
+    from kdpipe.ship.onnx_export import export_onnx, quantize_int8
+
+    shape = tuple(prepared["image_shape"])
+    scratch = export_onnx(models.scratch, folder / "scratch.onnx", shape, opset=cfg.export.opset,
+                          metadata={"role": "scratch"})
+    scratch_result = OnnxResult(None, scratch.stat().st_size, latency(scratch, shape, cfg.export))
+    int8 = None
+    if cfg.export.int8:
+        calibration = calibration_images(prepared["train_x"], cfg.export.calibration_images, cfg.seed)
+        int8 = quantize_int8(exported["student"].path, folder / paths.onnx("int8").name, calibration)
+    teacher, student = (measured(e.path, prepared, cfg.export, parity=e.parity, params_hash=e.params_hash)
+                        for e in (exported["teacher"], exported["student"]))
+    # quantize_int8 copies the student's metadata, params_hash included
+    int8_result = measured(int8, prepared, cfg.export, params_hash=student.params_hash) if int8 else None
+    return Shipment(teacher, student, scratch_result, int8_result)
+
+
+def measured(path: Path, prepared: dict, opts: ExportConfig, **checks) -> OnnxResult:
+    """onnxruntime test accuracy, latency and file size of one ONNX file."""
+    from kdpipe.ship.onnx_export import onnx_accuracy
+
+    accuracy = onnx_accuracy(path, prepared["test_x"], prepared["test_y"])
+    return OnnxResult(path, path.stat().st_size, latency(path, tuple(prepared["image_shape"]), opts), accuracy,
+                      **checks)
+
+
+def latency(path: Path, shape: tuple[int, int, int], opts: ExportConfig) -> Latency:
+    """onnxruntime CPU latency at batch 1 and BIG_BATCH (export.latency_repeats, export.latency_threads)."""
+    from kdpipe.ship.onnx_export import ort_latency_ms
+
+    b1, b64 = (ort_latency_ms(path, shape, batch_size=n, repeats=opts.latency_repeats,
+                              threads=opts.latency_threads) for n in (1, BIG_BATCH))
+    return Latency(b1, b64)
+
+
+def calibration_images(train_x: Tensor, n: int, seed: int) -> Tensor:
+    """A seeded sample of n train images (all when there are fewer): int8 calibration data."""
+    import torch
+
+    order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(seed))
+    return train_x[order[:n]]
+
+
+def place(shipment: Shipment, paths: Paths) -> Shipment:
+    """The checked files renamed from the staging folder into place; a stale int8 file goes when int8 is off
+    (its folder stays: a DVC output that exists, maybe empty, either way)."""
+    paths.onnx("int8").parent.mkdir(parents=True, exist_ok=True)
+    placed = {}
+    for role, result in shipment.shipped().items():
+        os.replace(result.path, paths.onnx(role))
+        placed[role] = replace(result, path=paths.onnx(role))
+    if shipment.int8 is None:
+        paths.onnx("int8").unlink(missing_ok=True)
+    return replace(shipment, **placed)
