@@ -161,5 +161,17 @@ def test_package_inits_hold_only_a_docstring(init: Path):
 
 
 def test_no_module_over_300_lines():
-    long = {name: n for name, p in all_modules().items() if (n := len(p.read_text().splitlines())) > 300}
+    files = [*PACKAGE.rglob("*.py"), *(ROOT / "flows").rglob("*.py")]
+    long = {str(p.relative_to(ROOT)): n for p in files if (n := len(p.read_text().splitlines())) > 300}
     assert long == {}
+
+
+def test_the_library_never_imports_the_orchestrators():
+    """flows/ imports kdpipe, never the reverse; prefect and dvc only in flows/ (DESIGN.md)."""
+    bad = []
+    for name, path in all_modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            mods = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            bad += [f"{name} imports {m}" for m in mods if m.split(".")[0] in ("flows", "prefect", "dvc")]
+    assert bad == []
