@@ -1,4 +1,4 @@
-"""Teacher forward speed with and without its BatchNorms folded (distillation.fold_batchnorm): resnet56 at
+"""Teacher forward speed with and without its BatchNorms folded (kdpipe.train.distiller.fold_batchnorm): resnet56 at
 3×32×32, batch 128, 2 threads, the default runtime (bf16 autocast + channels_last where the CPU has native bf16).
 Prints images/s, median of 5 repeats of 15 batches each. Run from the repo root: `python bench/teacher_forward.py`.
 """
