@@ -14,7 +14,7 @@ import mlflow
 import pytest
 from conftest import REPO, dvc_status, subprocess_env, tiny_params, write_params
 
-from kdpipe import store
+from kdpipe import store as mlflow_store
 from kdpipe.ship import gate
 
 NAME = "m"
@@ -80,7 +80,7 @@ def test_two_pipelines_create_and_share_one_new_store(tmp_path):
     assert sorted((r.info.run_name, r.info.status) for r in runs) == sorted((s, "FINISHED") for s in stages * 2)
     versions = client.search_model_versions("name = 'kdpipe-student'")
     assert sorted(int(v.version) for v in versions) == [1, 2]
-    assert Path(f"{store}{store.LOCK_SUFFIX}").is_file()  # created under the lock beside it
+    assert Path(f"{store}{mlflow_store.LOCK_SUFFIX}").is_file()  # created under the lock beside it
 
 
 # ------------------------------------------------------------------------ two exports, one champion alias
@@ -119,7 +119,7 @@ def test_racing_exports_keep_every_version_and_crown_the_best(tmp_path, lock):
     take champion: every version is there, champion ends on the best, candidate on the newest, and the
     gates ran one at a time (each champion move started from the previous one: no two from the same)."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    store.prepare_store(uri)
+    mlflow_store.prepare_store(uri)
     client = mlflow.MlflowClient(uri, registry_uri=uri)
     client.create_registered_model(NAME)
     accuracies = {"a": [0.50, 0.60, 0.70, 0.80, 0.90], "b": [0.55, 0.65, 0.75, 0.85, 0.95]}
