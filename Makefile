@@ -22,23 +22,35 @@ venv:
 	  echo "$$want" > $(VENV)/.pyproject.sha256; \
 	fi
 
+# check-params and `verify --lock-only` name a bad params.yaml or dvc.lock in one line (DVC's own error does not).
 # DVC refuses a second `dvc repro` in a checkout while one runs a stage (its "busy" rwlock); its error goes
 # through tee (stdout untouched) so that the refusal ends with one plain line saying why. --wait-for-lock: DVC
 # lets go of its repo lock while a stage runs and must take it back after; waiting for it there (instead of
 # failing after 3 s) keeps a run from failing because another dvc command holds it for a moment.
 run: venv
 	kdpipe check-params
+	kdpipe verify --lock-only
 	@set -o pipefail; err=$$(mktemp); echo "dvc --wait-for-lock repro"; \
 	{ dvc --wait-for-lock repro 2>&1 1>&3 | tee "$$err" >&2; } 3>&1; rc=$$?; \
 	if [ $$rc -ne 0 ] && grep -qE "Unable to acquire lock|is busy, it is being blocked by" "$$err"; then \
 	  echo "kdpipe: another dvc command is running in this checkout (.dvc/tmp/lock); wait for it or stop it" >&2; \
 	fi; rm -f "$$err"; exit $$rc
 
+# CPU_PROFILE=avx2 (test, test-fast, bench-speed): torch's CPU kernels capped at AVX2, as on an x86-64 CPU without
+# AVX-512 (and so without native bf16: precision auto is fp32 there). The variables: kdpipe/run/kernels.py PROFILES.
+CPU_PROFILE ?= native
+PROFILE_ENV = prof=$$(python -c "import sys; from kdpipe.run.kernels import PROFILES as P, env_line; p = sys.argv[1]; \
+  print(env_line(P[p])) if p in P else sys.exit(f'CPU_PROFILE={p}: unknown; one of {\", \".join(P)}')" $(CPU_PROFILE)) \
+  && echo "CPU profile $(CPU_PROFILE): $${prof:-no caps}" && env $$prof
+
+# Two pytest workers: tests train on one thread each, so the second worker uses the second core (tests/conftest.py
+# keeps a file's tests, and all tests on the shared DVC repo, on one worker).
+PYTEST_WORKERS ?= 2
 test: venv
-	python -m pytest -q
+	@$(PROFILE_ENV) python -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup
 
 test-fast: venv
-	python -m pytest -q -m "not slow"
+	@$(PROFILE_ENV) python -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup -m "not slow"
 
 ui: venv
 	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
@@ -81,7 +93,7 @@ bench-distributed: venv
 # after the other (timings taken side by side slow each other); the bench extra (torchdistill) on first use.
 bench-speed: venv
 	@pip show -q torchdistill >/dev/null 2>&1 || pip install -q -e '.[bench]'
-	python bench/speed.py
+	python bench/speed.py --cpu-profile $(CPU_PROFILE)
 	python bench/overhead.py
 	python bench/memory.py
 

@@ -7,8 +7,12 @@ writes bench/results/curriculum.json; with --views it distills augmented student
 the teacher's cached views (K = 1, 4, 8) and writes bench/results/views.json; with --methods it distills
 with every method's preset and from an ensemble of 3 teachers and writes bench/results/methods.json; with
 --recipes it trains scratch and distilled students under four recipes (augmented or not, 15 or 30 epochs) and
-writes bench/results/recipes.json. `--precision fp32` runs the
-benchmark in fp32 (bench/results/quality_fp32.json). Run from the repo root: `make bench-quality` / `make bench-curriculum`.
+writes bench/results/recipes.json; with --augment it trains scratch and distilled students with the photo
+recipe's `resized_crop` against `pad_crop` (3 seeds each, quality.yaml's schedule, the teacher's cached views) and
+writes bench/results/augment_quality.json (training the teacher first if quality() has not). `--precision fp32`
+runs the benchmark in fp32 (bench/results/quality_fp32.json). `--quick` shrinks everything (1,000 images, one
+seed, one epoch) into bench/work/quality_quick/, results untouched: a smoke test of a mode. Run from the repo
+root: `make bench-quality` / `make bench-curriculum` / `make bench-augment`.
 """
 
 from __future__ import annotations
@@ -25,6 +29,12 @@ import yaml
 BENCH = Path(__file__).resolve().parent
 WORK = BENCH / "work" / "quality"
 RESULTS = BENCH / "results"
+QUICK: dict = {}  # --quick: overrides of every config (see QUICK_OVERRIDES), set by main()
+QUICK_OVERRIDES = {
+    "data": {"train_subset": 1000},
+    "teacher": {"model": "small_cnn", "epochs": 2, "ensemble": 1, "warmup_epochs": 0, "patience": 0},
+    "student": {"epochs": 3, "batch_size": 32, "seeds": [0], "warmup_epochs": 0},
+}
 
 
 def bench_config(overrides: dict | None = None):
@@ -34,8 +44,11 @@ def bench_config(overrides: dict | None = None):
     raw = yaml.safe_load((BENCH / "quality.yaml").read_text())
     raw["paths"] = {k: str(WORK / v) for k, v in {"raw": "raw", "downloads": "downloads", "prepared": "prepared",
                     "models": "models", "metrics": "metrics", "plots": "plots", "reports": "reports"}.items()}
-    for section, values in (overrides or {}).items():
-        raw[section] = {**raw.get(section, {}), **values}
+    if QUICK:  # a smoke run logs to its own store, not the repo's
+        raw["tracking"] = {**raw.get("tracking", {}), "uri": f"sqlite:///{WORK / 'mlflow.db'}"}
+    for overrides_now in (QUICK, overrides or {}):
+        for section, values in overrides_now.items():
+            raw[section] = {**raw.get(section, {}), **values}
     return from_dict(raw)
 
 
@@ -241,16 +254,73 @@ def methods_table() -> dict:
     return result
 
 
+# --augment: the student's augmentation, for scratch and the distilled student alike. pad_crop as the views
+# ablation (crop 2 + flip); resized_crop is the photo recipe's crop (bench/recipes/photos.yaml: 35-100 % of the
+# image, ratio 3/4-4/3) + flip, no colour (grey images) and no mixing. The teacher labels AUGMENT_VIEWS cached views
+# of each image either way (FKD), so both rows distill from the same kind of teacher outputs.
+AUGMENTATIONS = {
+    "pad_crop": {"augment": "pad_crop", "crop_padding": 2, "flip": True},
+    "resized_crop": {"augment": "resized_crop", "crop_padding": 0, "flip": True, "crop_scale": [0.35, 1.0]},
+}
+AUGMENT_VIEWS = 8
+
+
+def ensure_teacher() -> None:
+    """quality()'s data and teacher, trained now when quality() has not run in this folder."""
+    from kdpipe.stages import prepare, teacher
+
+    if (WORK / "models" / "teacher_outputs.pt").is_file():
+        return
+    cfg = bench_config()
+    for name, stage in (("prepare", prepare), ("teacher", teacher)):
+        timed(name, stage.run, cfg)
+
+
+def augment_table() -> dict:
+    """Scratch and distilled students with each of AUGMENTATIONS, quality.yaml's schedule and seeds, on quality()'s
+    teacher: mean ± std test accuracy per row, the paired distillation gain, and the wall time."""
+    from kdpipe.stages import distill, scratch
+
+    ensure_teacher()
+    views = 2 if QUICK else AUGMENT_VIEWS
+    result: dict = {"dataset": "fashion_mnist", "teacher_views": views, "quick": bool(QUICK), "augmentations": {}}
+    for name, student in AUGMENTATIONS.items():
+        paths = in_own_folder(f"augment_{name}")
+        cfg = bench_config({"student": student, "distill": {"teacher_views": views}, "paths": paths})
+        _, scratch_s = timed(f"scratch, {name}", scratch.run, cfg)
+        _, distill_s = timed(f"distill, {name}", distill.run, cfg)
+        folder = Path(paths["metrics"])
+        row = {"student": student, "method": cfg.distill.method,
+               "scratch": stats(json.loads((folder / "scratch.json").read_text())),
+               "distilled": stats(json.loads((folder / "distill.json").read_text())),
+               "seconds": {"scratch": round(scratch_s, 1), "distill": round(distill_s, 1)}}
+        paired = [d - s for d, s in zip(row["distilled"]["values"], row["scratch"]["values"], strict=True)]
+        row["gain_points"] = {"mean": 100 * sum(paired) / len(paired), "per_seed": [100 * p for p in paired]}
+        result["augmentations"][name] = row
+    result["schedule"] = {k: getattr(cfg.student, k) for k in ("model", "epochs", "batch_size", "lr", "seeds")}
+    result["machine"] = machine()
+    return result
+
+
 def main() -> int:
+    global WORK
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--curriculum", action="store_true", help="run the curriculum ablation (after quality)")
     parser.add_argument("--views", action="store_true", help="run the cached-views ablation (after quality)")
     parser.add_argument("--methods", action="store_true", help="distill with every method (after quality)")
     parser.add_argument("--recipes", action="store_true", help="compare student recipes on val (after quality)")
+    parser.add_argument("--augment", action="store_true", help="resized_crop vs pad_crop students (teacher first if absent)")
     parser.add_argument("--precision", default=None, help="override runtime.precision (fp32 writes quality_fp32.json)")
+    parser.add_argument("--quick", action="store_true", help="a tiny smoke run into bench/work/quality_quick/")
     args = parser.parse_args()
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    if args.curriculum:
+    results = RESULTS
+    if args.quick:
+        WORK, results = BENCH / "work" / "quality_quick", BENCH / "work" / "quality_quick" / "results"
+        QUICK.update(QUICK_OVERRIDES)
+    results.mkdir(parents=True, exist_ok=True)
+    if args.augment:
+        out, name = augment_table(), "augment_quality.json"
+    elif args.curriculum:
         out, name = curriculum_ablation(), "curriculum.json"
     elif args.views:
         out, name = views_ablation(), "views.json"
@@ -262,7 +332,7 @@ def main() -> int:
         overrides = {"runtime": {"precision": args.precision}} if args.precision else None
         out = quality(overrides)
         name = "quality_fp32.json" if out["precision"] == "fp32" else "quality.json"
-    (RESULTS / name).write_text(json.dumps(out, indent=2) + "\n")
+    (results / name).write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps({k: v for k, v in out.items() if k not in ("params", "machine")}, indent=2))
     return 0
 

@@ -22,7 +22,9 @@ threads. The sides:
 
 kdpipe runs at the precision its runtime picks (`--precision auto`: bf16 autocast on a CPU with native bf16,
 else fp32) in channels_last; torchdistill and the seed loop run as their defaults do, fp32 and contiguous.
-`--precision fp32` measures kdpipe without the low precision.
+`--precision fp32` measures kdpipe without the low precision. `--cpu-profile avx2` runs every side with torch's
+CPU kernels capped at AVX2 (kdpipe/run/kernels.py PROFILES): what an x86-64 CPU without AVX-512 runs, measured
+here (auto is then fp32, as there); `--cpu-profile reproducible` with the reproducible mode's pins.
 
 Method. Each side runs in its own subprocess, one at a time: imports, data loading, model building and the
 views' labelling come before the clock, and the peak RSS (ru_maxrss) is that process's own (it includes the
@@ -330,14 +332,22 @@ def run_side(args) -> dict:
     walls, cpus = time_steps(step, args.warmup + args.steps)
     w = args.warmup
     return {"side": args.side, "wall": walls[w:], "cpu": cpus[w:], "warmup_wall": walls[:w],
-            "threads": torch.get_num_threads(), **facts, **versions(),
+            "threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            **facts, **versions(),
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # KiB on Linux
 
 
 def versions() -> dict:
-    from importlib.metadata import version
+    """Library versions; None for one not installed (torchdistill, when only kdpipe's sides run)."""
+    from importlib.metadata import PackageNotFoundError, version
 
-    return {name: version(name) for name in ("torch", "torchvision", "torchdistill")}
+    def installed(name: str) -> str | None:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
+    return {name: installed(name) for name in ("torch", "torchvision", "torchdistill")}
 
 
 # ---------------------------------------------------------------------------------- the rounds, in the parent
@@ -350,13 +360,21 @@ def spawn(side: str, args) -> dict:
         flags = ["--side", side, "--steps", args.steps, "--warmup", args.warmup, "--views", args.views,
                  "--train-size", args.train_size, "--threads", args.threads, "--precision", args.precision,
                  "--json-out", out]
-        env = {**os.environ, "KDPIPE_THREADS": str(args.threads), "OMP_NUM_THREADS": str(args.threads)}
+        env = {**profile_environ(args.cpu_profile), "KDPIPE_THREADS": str(args.threads),
+               "OMP_NUM_THREADS": str(args.threads)}
         proc = subprocess.run([sys.executable, __file__, *map(str, flags)], cwd=REPO, env=env,
                               capture_output=True, text=True)
         if proc.returncode != 0:
             tail = proc.stderr.strip().splitlines()[-5:]
             return {"side": side, "error": tail or [f"exit {proc.returncode}"]}
         return json.loads(out.read_text())
+
+
+def profile_environ(profile: str) -> dict[str, str]:
+    """This process's environment with CPU profile `profile`'s kernel caps in place of any it was given."""
+    from kdpipe.run.kernels import KNOBS, profile_env
+
+    return {**{k: v for k, v in os.environ.items() if k not in KNOBS}, **profile_env(profile)}
 
 
 def run_rounds(args) -> list[dict]:
@@ -438,13 +456,17 @@ def ratio(rounds: list[dict], ours: str, peer: str, min_share: float) -> dict | 
 
 
 def machine(rounds: list[dict], args) -> dict:
-    """The CPU, threads and library versions, and what kdpipe's runtime chose (read from the kdpipe runs)."""
+    """The CPU, its profile, threads and library versions, and what kdpipe's runtime chose (from the kdpipe runs)."""
+    from kdpipe.run.kernels import profile_env
+
     cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
     names = [line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")]
     runs = [run for r in rounds for run in r["runs"].values() if "error" not in run]
     kdpipe_run = next((run for run in runs if run["side"].startswith("kdpipe")), {})
     facts = {"cpu": names[0] if names else platform.processor() or platform.machine(),
              "cpu_count": os.cpu_count(), "threads": args.threads, "python": platform.python_version(),
+             "cpu_profile": args.cpu_profile, "cpu_profile_env": profile_env(args.cpu_profile),
+             "cpu_capability": runs[0]["cpu_capability"] if runs else None,  # ATen's, in the sides' processes
              "kdpipe_precision": kdpipe_run.get("precision"),
              "kdpipe_channels_last": kdpipe_run.get("channels_last"),
              "loadavg_at_end": [round(v, 2) for v in os.getloadavg()]}
@@ -455,7 +477,8 @@ def reproduce(args) -> str:
     """The command line that reruns this benchmark as it ran, every default spelled out."""
     flags = ["--rounds", args.rounds, "--steps", args.steps, "--warmup", args.warmup, "--views", args.views,
              "--train-size", args.train_size, "--threads", args.threads, "--precision", args.precision,
-             "--min-cpu-share", args.min_cpu_share, "--sides", *args.sides, "--out", args.out]
+             "--cpu-profile", args.cpu_profile, "--min-cpu-share", args.min_cpu_share, "--sides", *args.sides,
+             "--out", args.out]
     return shlex.join(["python", "bench/speed.py", *map(str, flags)])
 
 
@@ -470,7 +493,8 @@ def table(result: dict) -> str:
         rows.append(f"| {side} | {rate} | {rss} | {s['discarded_steps']}/{s['timed_steps']} |")
     m = result["machine"]
     rows += ["", f"kdpipe: {m['kdpipe_precision']}, channels_last {m['kdpipe_channels_last']}; "
-             f"torchdistill and the seed loop: fp32, contiguous. {m['threads']} threads, {m['cpu']}.", ""]
+             f"torchdistill and the seed loop: fp32, contiguous. {m['threads']} threads, {m['cpu']}, CPU profile "
+             f"{m['cpu_profile']} (ATen {m['cpu_capability']}).", ""]
     for name in RATIOS:
         r = result[name]
         value = f"{r['median']:.2f} (min {r['min']:.2f}, max {r['max']:.2f})" if r else "–"
@@ -510,6 +534,8 @@ def parse_args() -> argparse.Namespace:
     add("--threads", type=int, default=2, help="torch threads on every side (default 2)")
     add("--precision", default="auto", choices=("auto", "fp32", "bf16"),
         help="kdpipe's runtime precision (default auto: bf16 on a CPU with native bf16, else fp32)")
+    add("--cpu-profile", default="native", choices=("native", "avx2", "reproducible"),
+        help="kernel caps for every side (kdpipe/run/kernels.py PROFILES; avx2: as a CPU without AVX-512)")
     add("--min-cpu-share", type=float, default=0.75,
         help="discard a step whose CPU time < this x threads x wall (default 0.75)")
     add("--sides", nargs="+", choices=SIDES, default=list(SIDES))

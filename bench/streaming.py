@@ -85,7 +85,8 @@ def params_for(n: int, in_memory: bool, workers: int | None = None) -> Path:
                               "in_memory": in_memory, "workers": workers},
                         teacher={"model": "small_cnn", "epochs": 1, "warmup_epochs": 0, "batch_size": 128},
                         student={"seeds": [0], "epochs": EPOCHS, "warmup_epochs": 0, "batch_size": 128,
-                                 "patience": 0, "crop_padding": 2, "flip": True})
+                                 "patience": 0, "crop_padding": 2, "flip": True},
+                        paths={"raw": str(WORK)})  # data.folder must lie under paths.raw (prepare's DVC dep)
 
 
 def run_stage(stage: str, params: Path) -> dict:

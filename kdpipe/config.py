@@ -8,19 +8,21 @@ against that module's own table, imported only when params are validated: one li
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, ValidationError, model_validator
 
 from kdpipe import params_file
+from kdpipe.data.augment_params import AugmentParams, check_distill
 from kdpipe.params_file import ConfigError
 
 DEFAULT_PARAMS = "params.yaml"
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)  # strict: no true → 1, no "0.05" → 0.05
 
 
 def _one_of(key: str, value: str, known) -> None:
@@ -32,6 +34,7 @@ class DataConfig(_Section):
     dataset: str = "digits"  # a key of datasets.LOADERS
     folder: str | None = None  # imagefolder only: a folder of class/image files, e.g. data/raw/pets
     image_size: int | None = Field(default=None, ge=4, le=1024)  # imagefolder only: square resize
+    resize: Literal["center_crop", "stretch"] = "center_crop"  # imagefolder only: kdpipe.data.images
     val_fraction: float = Field(default=0.15, gt=0, lt=1)
     test_fraction: float = Field(default=0.2, ge=0, lt=1)  # used only where no official test split exists
     download: bool = False  # allow torchvision downloads when the files are not on disk
@@ -56,8 +59,8 @@ class DataConfig(_Section):
         return self
 
 
-class TrainConfig(_Section):
-    """One training recipe: optimizer, schedule, regularisation, augmentation, early stopping."""
+class TrainConfig(AugmentParams, _Section):
+    """One training recipe: optimizer, schedule, regularisation, augmentation (AugmentParams), early stopping."""
 
     model: str
     epochs: int = Field(default=30, ge=1, le=10_000)
@@ -68,13 +71,14 @@ class TrainConfig(_Section):
     nesterov: bool = True
     weight_decay: float = Field(default=5e-4, ge=0, lt=1)
     schedule: Literal["cosine", "step", "constant"] = "cosine"
-    step_milestones: tuple[float, ...] = (0.5, 0.75)  # fractions of the run where a step schedule decays
+    step_milestones: tuple[StrictFloat, ...] = Field(default=(0.5, 0.75), strict=False)  # where step decays
     step_gamma: float = Field(default=0.1, gt=0, le=1)
     warmup_epochs: int = Field(default=1, ge=0)
     label_smoothing: float = Field(default=0.0, ge=0, lt=1)
     patience: int = Field(default=10, ge=0)  # epochs without val improvement before stopping; 0 = never stop early
     crop_padding: int = Field(default=0, ge=0, le=64)
     flip: bool = False
+    chance_guard: bool = True  # a run that learned nothing (val accuracy at chance) fails instead of being kept
 
     @model_validator(mode="after")
     def _check_recipe(self) -> TrainConfig:
@@ -82,6 +86,8 @@ class TrainConfig(_Section):
 
         if not is_known_model(self.model):
             raise ValueError(f"model: unknown model {self.model!r} (see `kdpipe list models`)")
+        if self.batch_size == 1:
+            raise ValueError("batch_size: must be >= 2: BatchNorm cannot train on a batch of one image, got 1")
         if self.warmup_epochs >= self.epochs and self.warmup_epochs > 0:
             raise ValueError(f"warmup_epochs: must be < epochs ({self.epochs}), got {self.warmup_epochs}")
         if self.nesterov and self.optimizer == "sgd" and self.momentum == 0:
@@ -123,7 +129,7 @@ class StudentConfig(TrainConfig):
     """The recipe shared by the scratch baseline and the distilled student, run once per seed."""
 
     model: str = "tiny_cnn"
-    seeds: tuple[int, ...] = Field(default=(0, 1, 2), min_length=1)
+    seeds: tuple[StrictInt, ...] = Field(default=(0, 1, 2), min_length=1, strict=False)  # a YAML list, as a tuple
 
     @model_validator(mode="after")
     def _unique_seeds(self) -> StudentConfig:
@@ -222,6 +228,7 @@ class RuntimeConfig(_Section):
     # teacher, scratch and distill as N data-parallel processes (torch.distributed: gloo on CPU, NCCL on GPUs)
     processes: int = Field(default=1, ge=1, le=1024)
     sync_batchnorm: bool = False  # with processes > 1: BatchNorm statistics over the global batch (SyncBatchNorm)
+    reproducible: bool = False  # CPU kernels pinned to AVX2 (kdpipe/run/kernels.py), fp32, eager: the same bits on x86-64
 
 
 class PathsConfig(_Section):
@@ -256,33 +263,27 @@ class Config(_Section):
         if self.runtime.processes > 1 and self.distill.resolved_weights().get("crd"):
             raise ValueError(f"runtime.processes: CRD's memory banks live in one process; set runtime.processes: 1 "
                              f"for method crd (got {self.runtime.processes})")
+        if self.runtime.reproducible and (self.runtime.precision in ("bf16", "fp16") or self.runtime.compile):
+            key, fix = ("compile", "false") if self.runtime.compile else ("precision", "fp32 or auto")
+            raise ValueError(f"runtime.{key}: reproducible runs eager fp32 (bf16, fp16, compiled code vary by CPU); set it to {fix}")
         if self.teacher.ensemble > 1 and needs_features(self.distill.resolved_weights()):
             raise ValueError(f"distill.method: {self.distill.method} needs one teacher's features "
                              f"({', '.join(FEATURE_TERMS)}), and teacher.ensemble {self.teacher.ensemble} averages "
                              f"only logits; use a logit method (kd, dkd, dist, mse) or teacher.ensemble: 1")
-        if self.distill.teacher_views:
-            if self.student.crop_padding == 0 and not self.student.flip:
-                raise ValueError("distill.teacher_views: the student sees un-augmented images (student.crop_padding "
-                                 "0, flip false), which the teacher's cached logits already cover; set it to 0")
-            if needs_features(self.distill.resolved_weights()):
-                raise ValueError(f"distill.teacher_views: the method needs teacher features ({', '.join(FEATURE_TERMS)}), "
-                                 "which cached views do not hold; set it to 0")
+        check_distill(self.student, self.distill, needs_features(self.distill.resolved_weights()), FEATURE_TERMS)
+        return self
+
+    @model_validator(mode="after")
+    def _folder_under_raw(self) -> Config:
+        folder, raw = (os.path.abspath(p) for p in (self.data.folder or "", self.paths.raw))
+        if self.data.dataset == "imagefolder" and os.path.commonpath([folder, raw]) != raw:
+            raise ValueError(f"data.folder: must be inside paths.raw ({self.paths.raw}), prepare's DVC dependency (edits "
+                             f"elsewhere never rerun it), got {self.data.folder}; move it there or set paths.raw above it")
         return self
 
     def flat(self) -> dict[str, Any]:
         """Params flattened to dotted keys (``teacher.lr``), as MLflow logs them."""
-        return _flatten(self.model_dump(mode="json"))
-
-
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in d.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(_flatten(value, name + "."))
-        else:
-            out[name] = value
-    return out
+        return params_file.flatten(self.model_dump(mode="json"))
 
 
 def load(path: str | Path = DEFAULT_PARAMS) -> Config:

@@ -3,11 +3,14 @@
 No torch here, nor any kdpipe module that imports it: this is the path a model takes outside the training
 environment. A registry URI (models:/name@alias, models:/name/3) is downloaded with mlflow first, through
 kdpipe.ship.registry. Everything the model needs is in the ONNX file's metadata: class names, the input size
-C×H×W, and the contract float32 (N, C, H, W) in [0, 1] with normalisation inside the graph.
+C×H×W, how an image file becomes that input ("resize": center_crop or stretch) and the contract float32
+(N, C, H, W) in [0, 1] with normalisation inside the graph.
 
-Images are read as the prepare stage reads an image folder (kdpipe.data.images: grey or RGB by the model's
-channels, an alpha channel dropped, 16-bit grey scaled to 8 bits). A folder stands for the image files
-directly inside it.
+Images are read as the prepare stage read the images evaluate scored (kdpipe.data.images, the same function: grey
+or RGB by the model's channels, an alpha channel dropped, 16-bit grey scaled to 8 bits, the shorter side resized
+and the centre square kept, or stretched for a model whose data was), so a photo of any size gets the class
+evaluate would give it. A model exported before the "resize" entry existed is read by stretching, as then. A
+folder stands for the image files directly inside it.
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ def reason(e: BaseException) -> str:
 
 
 def load(path: Path):
-    """(onnxruntime session, class names, (C, H, W)) from an exported file's metadata."""
+    """(onnxruntime session, class names, (C, H, W), resize) from an exported file's metadata."""
     import onnxruntime
 
     check_external_data(path)
@@ -68,7 +71,17 @@ def load(path: Path):
     meta = session.get_modelmeta().custom_metadata_map
     shape = input_shape(meta, session)
     classes = json.loads(meta["classes"]) if "classes" in meta else None
-    return session, classes, shape
+    return session, classes, shape, resize_of(meta)
+
+
+def resize_of(meta: dict[str, str]) -> str:
+    """The metadata's "resize" (center_crop | stretch); "stretch" for models exported before it was recorded."""
+    from kdpipe.data.images import RESIZES
+
+    resize = meta.get("resize", "stretch")
+    if resize not in RESIZES:
+        raise PredictError(f"the model's metadata asks for resize {resize!r}; this kdpipe knows {', '.join(RESIZES)}")
+    return resize
 
 
 def check_external_data(path: Path) -> None:
@@ -134,9 +147,9 @@ def image_files(paths: list[str]) -> list[Path]:
     return files
 
 
-def read_image(path: str | Path, shape: tuple[int, int, int]) -> np.ndarray:
+def read_image(path: str | Path, shape: tuple[int, int, int], resize: str = "stretch") -> np.ndarray:
     """One image as float32 (C, H, W) in [0, 1]: grey (L) or RGB by the model's channels (alpha dropped, as
-    the prepare stage does), 16-bit grey scaled to 8 bits, resized to H×W."""
+    the prepare stage does), 16-bit grey scaled to 8 bits, resized to H×W by `resize` (kdpipe.data.images)."""
     from PIL import Image, UnidentifiedImageError
 
     from kdpipe.data.images import load_image
@@ -145,7 +158,7 @@ def read_image(path: str | Path, shape: tuple[int, int, int]) -> np.ndarray:
     if c not in (1, 3):
         raise PredictError(f"the model takes {c} channels; only 1 (grey) and 3 (RGB) images are supported")
     try:
-        pixels = load_image(path, "L" if c == 1 else "RGB", (w, h)).astype(np.float32) / 255.0  # (H, W[, 3])
+        pixels = load_image(path, "L" if c == 1 else "RGB", (w, h), resize).astype(np.float32) / 255.0  # (H, W[, 3])
     except FileNotFoundError:
         raise PredictError(f"{path}: image not found") from None
     except UnidentifiedImageError:
@@ -166,14 +179,16 @@ def predict(model: str, images: list[str], top: int = 3, tracking_uri: str | Non
     """[{image, top: [(class, probability), ...]}] for each image (folders expanded), best first."""
     import tempfile
 
+    if top < 1:
+        raise PredictError(f"--top: must be >= 1 (how many classes to show per image), got {top}")
     files = image_files(images)  # before any download: a bad folder fails fast
     with tempfile.TemporaryDirectory(prefix="kdpipe-predict-") as tmp:
-        session, classes, shape = load(model_path(model, tracking_uri, tmp))  # the session holds the model
-    batch = np.stack([read_image(p, shape) for p in files])  # (N, C, H, W) float32
+        session, classes, shape, resize = load(model_path(model, tracking_uri, tmp))  # the session holds the model
+    batch = np.stack([read_image(p, shape, resize) for p in files])  # (N, C, H, W) float32
     logits = session.run(None, {session.get_inputs()[0].name: batch})[0]  # (N, K)
     probs = softmax(logits.astype(np.float64))
     classes = classes or [str(i) for i in range(probs.shape[1])]
-    k = max(1, min(top, probs.shape[1]))
+    k = min(top, probs.shape[1])
     return [{"image": str(p), "top": [(classes[j], float(row[j])) for j in np.argsort(-row)[:k]]}
             for p, row in zip(files, probs, strict=True)]
 

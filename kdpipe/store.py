@@ -64,6 +64,73 @@ def check_reachable(cfg: TrackingConfig, root: Path | None = None, timeout: floa
                             f"start it, or {fix}") from None
 
 
+def check_local(cfg: TrackingConfig, root: Path | None = None) -> None:
+    """Fail before any work, writing nothing, when the local store is damaged: its sqlite file a folder, not a
+    database or cut short (check_sqlite), or a file where its artifact folder (mlartifacts) goes."""
+    root = (root or Path.cwd()).resolve()
+    path = sqlite_path(tracking_uri(cfg, root))
+    if path is not None:
+        check_sqlite(path)
+        check_artifact_folder(root / ARTIFACT_DIR)
+
+
+def check_artifact_folder(folder: Path) -> None:
+    """TrackingError when a file stands where the runs' artifact folder is (or one of the folders above it)."""
+    folder = Path(folder).absolute()
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise TrackingError(f"{existing}: a file where MLflow keeps the runs' artifacts ({folder}); move it aside "
+                            f"(mv {existing} {existing}.broken) and rerun")
+
+
+SQLITE_MAGIC = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite 3 database
+
+
+def check_sqlite(path: Path) -> None:
+    """TrackingError naming `path` and the way out when it is not a readable SQLite database: a folder, other
+    bytes, or shorter than the pages its header counts (cut short: confirmed by SQLite's own quick_check, which
+    takes its lock, so a writer mid-commit is not mistaken for damage). A missing or empty file is a new store."""
+    if not path.exists():
+        return
+    if path.is_dir():
+        raise TrackingError(damaged(path, "a folder, not a database"))
+    try:
+        with open(path, "rb") as f:
+            header = f.read(100)
+    except OSError as e:
+        raise TrackingError(damaged(path, f"cannot read it: {e.strerror or e}")) from None
+    if not header:
+        return
+    if len(header) < 100 or not header.startswith(SQLITE_MAGIC):
+        raise TrackingError(damaged(path, "not an SQLite database"))
+    page_size = int.from_bytes(header[16:18], "big")
+    pages = int.from_bytes(header[28:32], "big") if header[24:28] == header[92:96] else 0  # 0: count not kept
+    expected, size = pages * (65536 if page_size == 1 else page_size), path.stat().st_size
+    if size < expected and (problem := quick_check(path)):
+        raise TrackingError(damaged(path, f"cut short: {size} of {expected} bytes; SQLite: {problem}"))
+
+
+def quick_check(path: Path) -> str | None:
+    """SQLite's PRAGMA quick_check on `path`, opened read-only: None when it says ok, else its first complaint."""
+    import sqlite3
+    from contextlib import closing
+
+    try:
+        with closing(sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True, timeout=20)) as db:
+            rows = db.execute("PRAGMA quick_check").fetchall()
+    except sqlite3.OperationalError:  # locked, or a hot journal a read-only reader cannot roll back: not damage
+        return None
+    except sqlite3.DatabaseError as e:
+        return str(e)
+    return None if rows == [("ok",)] else str(rows[0][0])
+
+
+def damaged(path: Path, problem: str) -> str:
+    """The one line for an MLflow store that cannot be used, and the way out."""
+    return (f"{path}: not a usable MLflow store ({problem}); move it aside (mv {path} {path}.broken) and rerun: a "
+            f"new store is made, and rerunning export (dvc repro -f export) registers the models again")
+
+
 def _user_uri() -> str | None:
     """MLFLOW_TRACKING_URI as the user set it, unless mlflow itself put it there during this process."""
     current = os.environ.get("MLFLOW_TRACKING_URI")
@@ -121,9 +188,15 @@ def prepare_store(uri: str) -> None:
     a backup); other stores are left to their server."""
     if uri in _READY or sqlite_path(uri) is None:
         return
+    check_sqlite(sqlite_path(uri))  # before the lock file is made: a damaged store writes nothing
     mlflow = import_mlflow()
     with store_lock(uri):
-        retry_locked(lambda: mlflow.MlflowClient(uri).search_experiments(max_results=1))
+        try:
+            retry_locked(lambda: mlflow.MlflowClient(uri).search_experiments(max_results=1))
+        except Exception as e:  # damage the header check cannot see (SQLAlchemy wraps sqlite3's error)
+            if not any(word in str(e) for word in ("file is not a database", "malformed")):
+                raise
+            raise TrackingError(damaged(sqlite_path(uri), "SQLite: " + str(e).splitlines()[0][:200])) from None
     _READY.add(uri)
 
 

@@ -1,6 +1,10 @@
 """MLflow runs: one run per stage execution, named after the stage, with params, curves, tags and the
 resources it used. When a pipeline run launches the stage, the parent run id arrives in ``KDPIPE_PARENT_RUN_ID``
 and the stage run nests under it. Which store, and how it is made ready: kdpipe/store.py.
+
+A run ends FINISHED, FAILED (an error), or KILLED: by SIGINT/SIGTERM (errors.Interrupted), or, when its process
+died without a word (SIGKILL, a power cut), by the next run of its stage on the same host, which finds the dead
+run still RUNNING and its process gone (the `kdpipe.pid` and `kdpipe.pid_started` tags every run carries).
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ from pathlib import Path
 
 from kdpipe.config import Config
 from kdpipe.env import is_main
-from kdpipe.store import ARTIFACT_DIR, _set_uri, import_mlflow, tracking_uri
+from kdpipe.errors import Interrupted
+from kdpipe.store import ARTIFACT_DIR, _set_uri, check_artifact_folder, import_mlflow, tracking_uri
 
 PARENT_RUN_ENV = "KDPIPE_PARENT_RUN_ID"
 
@@ -55,10 +60,15 @@ def _experiment_id(mlflow, name: str, root: Path) -> str:
     """Create the experiment with the artifact folder at the repo root when we own the store."""
     exp = mlflow.get_experiment_by_name(name)
     if exp is not None:
+        if exp.artifact_location.startswith("file:"):  # a file where the folder should be: one line, before any work
+            from urllib.parse import unquote, urlparse
+
+            check_artifact_folder(Path(unquote(urlparse(exp.artifact_location).path)))
         return exp.experiment_id
     location = None
     if mlflow.get_tracking_uri().startswith("sqlite:"):
         location = (root / ARTIFACT_DIR).resolve().as_uri()
+        check_artifact_folder(root / ARTIFACT_DIR)
     try:
         return mlflow.create_experiment(name, artifact_location=location)
     except mlflow.exceptions.MlflowException as e:  # another process created it since we looked
@@ -70,9 +80,10 @@ def _experiment_id(mlflow, name: str, root: Path) -> str:
 class StageRun:
     """Thin handle on the active run: what stages log, without importing mlflow themselves."""
 
-    def __init__(self, mlflow, run):
+    def __init__(self, mlflow, run, reaped: list[str] | None = None):
         self._mlflow = mlflow
         self.run_id = run.info.run_id
+        self.reaped = reaped or []  # runs of this stage found dead and marked KILLED when this one started
 
     def log_epoch(self, row: dict, prefix: str = "") -> None:
         step = int(row["epoch"])
@@ -93,6 +104,7 @@ class NullRun:
     """What a rank other than 0 logs into: nothing."""
 
     run_id = None
+    reaped: list[str] = []
 
     def log_epoch(self, row: dict, prefix: str = "") -> None:
         pass
@@ -141,7 +153,8 @@ def stage_run(
     if cfg.tracking.system_metrics:
         mlflow.set_system_metrics_sampling_interval(1)
         mlflow.set_system_metrics_samples_before_logging(1)
-    run_tags = {k: str(v) for k, v in {"stage": stage, **git_facts(root), **(tags or {})}.items()}
+    mode = {"stage": stage, "reproducible": cfg.runtime.reproducible}  # the mode: kdpipe/run/kernels.py
+    run_tags = {k: str(v) for k, v in {**mode, **git_facts(root), **process_tags(), **(tags or {})}.items()}
     with mlflow.start_run(
         experiment_id=experiment_id,
         run_name=stage,
@@ -149,10 +162,60 @@ def stage_run(
         tags=run_tags,
         log_system_metrics=cfg.tracking.system_metrics,
     ) as run:
-        t0 = time.perf_counter()
-        mlflow.log_params(redacted_params(cfg.flat()))
-        yield StageRun(mlflow, run)
-        mlflow.log_metrics(resource_usage(t0))
+        try:
+            t0 = time.perf_counter()
+            mlflow.log_params(redacted_params(cfg.flat()))
+            reaped = reap_dead_runs(mlflow.MlflowClient(), experiment_id, stage, run.info.run_id)
+            yield StageRun(mlflow, run, reaped)
+            mlflow.log_metrics(resource_usage(t0))
+        except Interrupted:
+            mlflow.end_run("KILLED")  # not FAILED: nothing went wrong, and the stage can be resumed
+            raise
+
+
+HOST_TAG, PID_TAG, STARTED_TAG = "kdpipe.host", "kdpipe.pid", "kdpipe.pid_started"
+KILLED_TAG = "kdpipe.killed"  # why a run that was found dead is KILLED
+
+
+def process_tags() -> dict[str, str]:
+    """Which process runs this stage: host, pid and the process's start time (a pid can be reused)."""
+    import socket
+
+    import psutil
+
+    return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()),
+            STARTED_TAG: f"{psutil.Process().create_time():.2f}"}
+
+
+def reap_dead_runs(client, experiment_id: str, stage: str, by_run: str) -> list[str]:
+    """The RUNNING runs of `stage` whose process on this host is gone, marked KILLED with a tag saying so; their
+    ids. A run of another host, or without process tags (made before kdpipe tagged them), is left as it is: its
+    process may be alive."""
+    import socket
+
+    host = socket.gethostname()
+    runs = client.search_runs([experiment_id], f"tags.stage = '{stage}' and attributes.status = 'RUNNING'")
+    dead = [r for r in runs if r.info.run_id != by_run and r.data.tags.get(HOST_TAG) == host
+            and _process_gone(r.data.tags.get(PID_TAG), r.data.tags.get(STARTED_TAG))]
+    for r in dead:
+        client.set_tag(r.info.run_id, KILLED_TAG, f"its process {r.data.tags[PID_TAG]} on {host} ended without "
+                       f"ending the run (SIGKILL or a crash); found by {stage} run {by_run}")
+        client.set_terminated(r.info.run_id, "KILLED")
+    return [r.info.run_id for r in dead]
+
+
+def _process_gone(pid: str | None, started: str | None) -> bool:
+    """No process `pid` started at `started` (STARTED_TAG's format) is running; False when the tags are missing."""
+    import psutil
+
+    if not pid or not started:
+        return False
+    try:
+        return f"{psutil.Process(int(pid)).create_time():.2f}" != started or psutil.Process(int(pid)).status() == "zombie"
+    except psutil.NoSuchProcess:
+        return True
+    except (psutil.Error, ValueError):
+        return False
 
 
 def start_parent_run(name: str, cfg: Config, *, tags: dict[str, str] | None = None,

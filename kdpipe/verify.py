@@ -27,7 +27,7 @@ from pathlib import Path
 
 import yaml
 
-from kdpipe.errors import EXIT_USER_ERROR
+from kdpipe.errors import EXIT_USER_ERROR, UserError
 from kdpipe.files import file_md5
 
 LOCK_FILE = "dvc.lock"
@@ -76,12 +76,51 @@ def cached_manifest(root: Path, md5: str) -> list[dict[str, str]] | None:
         return None
 
 
+class LockError(UserError):
+    """dvc.lock (or dvc.yaml, params.yaml) cannot be read: the message names the file, the problem and the fix."""
+
+
+FIXES = {LOCK_FILE: "restore it (git checkout -- dvc.lock) or rebuild it (dvc repro)",
+         "dvc.yaml": "restore it (git checkout -- dvc.yaml)", "params.yaml": "fix it (kdpipe check-params says how)"}
+
+
+def read_yaml(path: Path) -> dict:
+    """A YAML mapping file of the repo ({} when it is missing or empty); LockError naming it when it is not one."""
+    if not path.exists():
+        return {}
+    try:
+        data = yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        problem = " ".join(str(getattr(e, "problem", None) or getattr(e, "strerror", None) or e).split())
+        raise LockError(f"{path}: not readable YAML{where}: {problem}; {FIXES.get(path.name, 'restore it')}") from None
+    if data is not None and not isinstance(data, dict):
+        raise LockError(f"{path}: not a mapping (got {type(data).__name__}); {FIXES.get(path.name, 'restore it')}")
+    return data or {}
+
+
+def read_lock(root: Path) -> dict:
+    """dvc.lock as a mapping whose stages each list their outs as {path, ...} entries; LockError otherwise."""
+    path = root / LOCK_FILE
+    lock, fix = read_yaml(path), FIXES[LOCK_FILE]
+    stages = lock.get("stages") or {}
+    if not isinstance(stages, dict):
+        raise LockError(f"{path}: `stages` is not a mapping of stage names; {fix}")
+    for stage, entry in stages.items():
+        outs = (entry.get("outs") or []) if isinstance(entry, dict) else None
+        if not isinstance(outs, list) or not all(isinstance(o, dict) and isinstance(o.get("path"), str)
+                                                 and isinstance(o.get("md5", ""), str) for o in outs):
+            raise LockError(f"{path}: stage {stage!r} does not list its outs as entries with a path; {fix}")
+    return lock
+
+
 def uncached_outputs(root: Path) -> set[str]:
     """The outputs dvc.yaml declares with `cache: false` (kept in git, which `dvc checkout` does not restore),
     their ${...} filled from params.yaml as DVC fills them."""
-    spec = yaml.safe_load((root / "dvc.yaml").read_text()) if (root / "dvc.yaml").is_file() else {}
-    params = yaml.safe_load((root / "params.yaml").read_text()) if (root / "params.yaml").is_file() else {}
-    declared = (item for stage in (spec or {}).get("stages", {}).values() for key in ("outs", "metrics", "plots")
+    spec, params = read_yaml(root / "dvc.yaml"), read_yaml(root / "params.yaml")
+    stages = spec.get("stages") if isinstance(spec.get("stages"), dict) else {}
+    declared = (item for stage in stages.values() if isinstance(stage, dict) for key in ("outs", "metrics", "plots")
                 for item in stage.get(key) or [] if isinstance(item, dict))
     return {posixpath.normpath(_fill(path, params or {})) for item in declared for path, options in item.items()
             if (options or {}).get("cache") is False}
@@ -143,7 +182,7 @@ def check_folder(folder: Path, recorded: list[dict[str, str]], stage: str, rel: 
 
 def verify(root: Path) -> tuple[int, list[Mismatch]]:
     """(files checked, mismatches) for every output in root/dvc.lock. FileNotFoundError without dvc.lock."""
-    lock = yaml.safe_load((root / LOCK_FILE).read_text()) or {}
+    lock = read_lock(root)
     checked, mismatches, uncached = 0, [], uncached_outputs(root)
     for stage, out in lock_outputs(lock):
         n, bad = check_output(root, stage, out, uncached)
@@ -151,13 +190,23 @@ def verify(root: Path) -> tuple[int, list[Mismatch]]:
     return checked, mismatches
 
 
-def main(root: str | Path = ".") -> int:
-    """Print every mismatch (exit 1) or "verified N files" (exit 0); exit 2 when there is no dvc.lock."""
+def main(root: str | Path = ".", lock_only: bool = False) -> int:
+    """Print every mismatch (exit 1) or "verified N files" (exit 0); exit 2 and one line when there is no
+    dvc.lock or it cannot be read. `lock_only`: only read dvc.lock (no hashing; a missing one is fine: nothing
+    has run yet), as `make run` does before `dvc repro`, whose own error would not name the file."""
     root = Path(root)
-    if not (root / LOCK_FILE).is_file():
-        print(f"kdpipe verify: error: no {LOCK_FILE} in {root.resolve()}; run `dvc repro` first", file=sys.stderr)
+    try:
+        if lock_only:
+            stages = read_lock(root).get("stages") or {}
+            print(f"{LOCK_FILE}: ok ({len(stages)} stages)" if (root / LOCK_FILE).exists() else f"no {LOCK_FILE} yet")
+            return 0
+        if not (root / LOCK_FILE).is_file():
+            print(f"kdpipe verify: error: no {LOCK_FILE} in {root.resolve()}; run `dvc repro` first", file=sys.stderr)
+            return EXIT_USER_ERROR
+        checked, mismatches = verify(root)
+    except LockError as e:
+        print(f"kdpipe verify: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
-    checked, mismatches = verify(root)
     for mismatch in mismatches:
         print(mismatch.line())
     if mismatches:

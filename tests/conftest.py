@@ -245,3 +245,19 @@ def temperature_experiment(dvc_repo) -> Experiment:
     finally:
         dvc_repo.restore()
     return Experiment("warmer", override, out.stdout)
+
+
+# ------------------------------------------------------------------ two test processes (pytest-xdist)
+
+# `make test` runs two pytest workers (`-n 2 --dist loadgroup`): tests train on one thread each, so a second
+# worker uses the second core. A file's tests stay on one worker (its module fixtures are built once), and so do
+# all the tests on the session's DVC repository, which would otherwise be built by both workers.
+SHARED_FIXTURE_GROUPS = {"dvc_repo": "dvc_repo", "temperature_experiment": "dvc_repo"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.get_closest_marker("xdist_group"):
+            continue
+        shared = [g for f, g in SHARED_FIXTURE_GROUPS.items() if f in getattr(item, "fixturenames", ())]
+        item.add_marker(pytest.mark.xdist_group(shared[0] if shared else item.nodeid.split("::")[0]))

@@ -97,3 +97,34 @@ def write_imagefolder(
             pixels = rng.integers(0, 256, shape, dtype=np.uint8)
             Image.fromarray(pixels).convert(mode).save(root / name / f"{i}.png")
     return root
+
+
+PHOTO_COLOURS = ((200, 60, 50), (60, 170, 70), (50, 80, 200))  # a class's tint: red, green, blue
+
+
+def photo(rng: np.random.Generator, label: int, size: tuple[int, int]) -> np.ndarray:
+    """A learnable fake photo (H, W, 3) uint8 of `size` = (width, height): class `label`'s tint in stripes
+    (horizontal for even labels, vertical for odd: both survive crops and flips), plus noise."""
+    w, h = size
+    period = max(2, min(w, h) // 6)
+    coords = np.arange(h)[:, None] if label % 2 == 0 else np.arange(w)[None, :]
+    stripes = ((coords // period) % 2).astype(np.float64)  # (H, 1) or (1, W)
+    base = np.array(PHOTO_COLOURS[label % len(PHOTO_COLOURS)], dtype=np.float64)
+    pixels = base * (0.55 + 0.45 * stripes[..., None]) + rng.normal(0, 18, (h, w, 3))
+    return np.clip(pixels, 0, 255).astype(np.uint8)
+
+
+def write_photo_folder(root: str | Path, classes: tuple[str, ...] = ("apple", "leaf", "sky"), per_class: int = 20,
+                       seed: int = 0, sizes: tuple[int, int] = (40, 90)) -> Path:
+    """Write root/<class>/<i>.jpg RGB JPEGs of varied width and height (each in `sizes`, so aspect ratios from
+    about 1:2 to 2:1), learnable from their tint and stripes (`photo`)."""
+    from PIL import Image
+
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    for label, name in enumerate(classes):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            size = tuple(int(v) for v in rng.integers(sizes[0], sizes[1] + 1, 2))
+            Image.fromarray(photo(rng, label, size)).save(root / name / f"{i}.jpg", quality=90)
+    return root

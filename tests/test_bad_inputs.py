@@ -246,7 +246,7 @@ def test_prepare_refuses_splits_without_a_class(ws, capfd, per_class, words):
         write_imagefolder(folder, classes=(name,), per_class=n, size=(8, 8))
     with unchanged(*ws.produced):
         code, err = ws.run("prepare", capfd, data__dataset="imagefolder", data__folder=str(folder),
-                           data__image_size=8)
+                           data__image_size=8, paths__raw=str(ws.tmp))  # the folder lies under paths.raw
     assert_one_line_error(code, err, *words)
 
 

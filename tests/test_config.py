@@ -108,7 +108,11 @@ def test_repo_params_are_valid_and_frozen():
     assert flat["teacher.lr"] == cfg.teacher.lr and flat["paths.models"] == "models"
 
 
-def test_empty_file_gives_defaults(tmp_path):
+def test_empty_file_is_refused_but_an_empty_mapping_in_code_gives_defaults(tmp_path):
+    """An empty params.yaml is a mistake (issue 21: check-params passed it, then `make run` failed in DVC); the
+    defaults stay reachable from code."""
     path = tmp_path / "empty.yaml"
     path.write_text("")
-    assert config.load(path) == config.Config()
+    with pytest.raises(config.ConfigError, match="empty.yaml: is empty; it must be a mapping of sections"):
+        config.load(path)
+    assert config.from_dict({}) == config.Config()

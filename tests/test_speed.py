@@ -133,9 +133,9 @@ def test_cached_views_replay_the_images_the_teacher_saw():
 
     idx = torch.tensor([5, 0, 39, 17, 5])
     x = train.x[idx].float() / 255
-    replayed, rows = views.augment(x, idx, torch.Generator().manual_seed(1))
+    replayed, rows, labels = views.augment(x, idx, train.y[idx], torch.Generator().manual_seed(1))
     image, view = rows // 3, rows % 3
-    assert torch.equal(image, idx)
+    assert torch.equal(image, idx) and torch.equal(labels, train.y[idx])  # pad_crop views keep the labels
     torch.testing.assert_close(replayed, seen[image, view], rtol=0, atol=0)  # bit for bit the labelled view
     torch.testing.assert_close(views.flat_logits()[rows].float(), (replayed.flatten(1)[:, :10] * 10).half().float())
 

@@ -128,7 +128,7 @@ def test_image_folder_through_teacher_and_distill_streamed(digits_folder, tiny_p
         root = tmp_path / str(in_memory)
         params = tiny_pipeline.workspace(root)
         params["data"].update(folder, in_memory=in_memory)
-        params["paths"]["prepared"] = str(root / "data/prepared")
+        params["paths"].update(prepared=str(root / "data/prepared"), raw=str(digits_folder.parent))  # folder in raw
         params["student"].update(seeds=[0])
         cfg = config.from_dict(params)
         prepare.run(cfg)

@@ -1,4 +1,5 @@
 """`imagefolder`: a user's root/<class>/<image> files, decoded and resized once, in parallel worker processes.
+Each image becomes an image_size square by `resize` (kdpipe.data.images: its centre square by default, or stretched).
 
 `prepare` streams the decoded images of each split straight into its on-disk array (kdpipe.data.ondisk), a chunk at
 a time, so a folder of any size is never held in memory whole; `load` decodes a (small) folder into memory as a
@@ -55,16 +56,16 @@ def index_folder(root: Path, workers: int = 1) -> FolderIndex:
                        "L" if gray else "RGB")
 
 
-def load(root: Path, image_size: int | None, workers: int = 1) -> RawDataset:
+def load(root: Path, image_size: int | None, workers: int = 1, resize: str = "center_crop") -> RawDataset:
     """The whole folder decoded into memory (small folders; prepare streams large ones to disk instead)."""
     size = _require_size(root, image_size)
     index = index_folder(root, workers)
-    x = torch.cat(list(decode(index.files, index.mode, size, workers)))
+    x = torch.cat(list(decode(index.files, index.mode, size, workers, resize)))
     return RawDataset(x, index.labels, None, None, index.classes)
 
 
 def prepare_to_disk(root: Path, image_size: int | None, path: Path, *, val_fraction: float, test_fraction: float,
-                    seed: int, train_subset: int | None, workers: int) -> dict:
+                    seed: int, train_subset: int | None, workers: int, resize: str = "center_crop") -> dict:
     """prepare for an image folder: the seeded stratified splits chosen from the labels alone, then each split's
     images decoded straight into its on-disk array beside `path` (Paths.dataset), never all in memory. The
     same splits, images and digest as data.prepare_dataset on the folder loaded whole."""
@@ -85,7 +86,7 @@ def prepare_to_disk(root: Path, image_size: int | None, path: Path, *, val_fract
     try:
         for name, rows in chosen.items():
             array_path = path.with_name(f"{name}_x.npy")
-            prepared[f"{name}_x"] = write_split(index, rows, size, array_path, workers, f"prepare {name}")
+            prepared[f"{name}_x"] = write_split(index, rows, size, array_path, workers, f"prepare {name}", resize)
         return summarise(prepared, index.classes, carved, val_fraction, test_fraction)
     except BaseException:
         for name in chosen:
@@ -95,7 +96,8 @@ def prepare_to_disk(root: Path, image_size: int | None, path: Path, *, val_fract
         raise
 
 
-def write_split(index: FolderIndex, rows: torch.Tensor, size: int, path: Path, workers: int, desc: str):
+def write_split(index: FolderIndex, rows: torch.Tensor, size: int, path: Path, workers: int, desc: str,
+                resize: str = "center_crop"):
     """Decode the images at `rows` of the index, in that order, into the on-disk array at `path` (under its
     temporary name: see ondisk.NpyWriter), with progress on stderr. Returns the ondisk.OnDiskArray."""
     from kdpipe.data.ondisk import NpyWriter
@@ -105,7 +107,7 @@ def write_split(index: FolderIndex, rows: torch.Tensor, size: int, path: Path, w
     writer = NpyWriter(path, (len(files), channels, size, size))
     progress = _Progress(len(files), desc)
     try:
-        for chunk in decode(files, index.mode, size, workers):
+        for chunk in decode(files, index.mode, size, workers, resize):
             writer.write(chunk)
             progress.update(len(chunk))
     except BaseException:
@@ -114,9 +116,10 @@ def write_split(index: FolderIndex, rows: torch.Tensor, size: int, path: Path, w
     return writer.close()
 
 
-def decode(files: list[Path], mode: str, size: int, workers: int) -> Iterator[torch.Tensor]:
+def decode(files: list[Path], mode: str, size: int, workers: int, resize: str = "center_crop"
+           ) -> Iterator[torch.Tensor]:
     """uint8 (n, C, size, size) chunks of the decoded, resized images, in the order of `files`."""
-    for pixels in _parallel(_decode_chunk, [(chunk, mode, size) for chunk in _chunked(files)], workers):
+    for pixels in _parallel(_decode_chunk, [(chunk, mode, size, resize) for chunk in _chunked(files)], workers):
         x = torch.from_numpy(pixels)
         yield x.unsqueeze(1) if mode == "L" else x.permute(0, 3, 1, 2).contiguous()  # -> (n, C, H, W)
 
@@ -159,18 +162,18 @@ def _modes(files: list[Path]) -> list[str]:
     return modes
 
 
-def _decode_chunk(task: tuple[list[Path], str, int]) -> np.ndarray:
+def _decode_chunk(task: tuple[list[Path], str, int, str]) -> np.ndarray:
     """Decode, convert and resize a chunk of images (kdpipe.data.images, as predict reads them): uint8 (n, size, size)
     or (n, size, size, 3)."""
     from PIL import Image
 
     from kdpipe.data.images import load_image
 
-    files, mode, size = task
+    files, mode, size, resize = task
     out = []
     for path in files:
         try:
-            out.append(load_image(path, mode, (size, size)))
+            out.append(load_image(path, mode, (size, size), resize))
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
             raise DataError(f"imagefolder: cannot read image {path}: {exc}") from None
     return np.stack(out)

@@ -37,8 +37,14 @@ def _kl_rows(log_p_teacher: Tensor, log_p_student: Tensor) -> Tensor:
 
 def cross_entropy(student_logits: Tensor, labels: Tensor, label_smoothing: float = 0.0) -> Tensor:
     """CE = −mean_i Σ_c q_i,c log softmax(z_i)_c, with q the one-hot label smoothed by `label_smoothing`
-    (Szegedy et al. 2016, "Rethinking the Inception Architecture": q = (1 − ε)·onehot + ε/C)."""
-    return F.cross_entropy(_fp32(student_logits), labels, label_smoothing=label_smoothing)
+    (Szegedy et al. 2016, "Rethinking the Inception Architecture": q = (1 − ε)·onehot + ε/C).
+
+    `labels` are class indices (N,), or probabilities (N, C) in place of the one-hot: mixup / cutmix's
+    λ·onehot(y_a) + (1 − λ)·onehot(y_b) (Zhang et al. 2018), so CE = λ·CE(y_a) + (1 − λ)·CE(y_b), smoothed alike."""
+    logits = _fp32(student_logits)
+    if labels.is_floating_point():  # probabilities: in the logits' precision (fp32, or fp64 in tests)
+        labels = labels.to(logits.dtype)
+    return F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
 
 
 def focal_loss(student_logits: Tensor, labels: Tensor, gamma: float = 2.0) -> Tensor:

@@ -27,6 +27,7 @@ class Runtime:
     channels_last: bool = False  # NHWC layout for 4-D weights and image batches
     compile: bool = False  # torch.compile each model prepare() is given
     sync_batchnorm: bool = False  # data-parallel runs: SyncBatchNorm in the trained model (runtime.sync_batchnorm)
+    reproducible: bool = False  # runtime.reproducible: pinned AVX2 CPU kernels (kdpipe.run.kernels), fp32
 
     def exact(self) -> Runtime:
         """This runtime in fp32: for the scores a stage reports, so that they are the scores of the fp32 weights
@@ -71,7 +72,12 @@ class Runtime:
 @functools.cache
 def cpu_has_native_bf16() -> bool:
     """True when the CPU computes bf16 in hardware (x86 AVX512-BF16 or AMX, Arm's BF16 extension), read from
-    /proc/cpuinfo's flags. Elsewhere (or unreadable) False: emulated bf16 is slower than fp32."""
+    /proc/cpuinfo's flags. Elsewhere (or unreadable) False: emulated bf16 is slower than fp32. False too where the
+    environment caps the kernels below it (the avx2 CPU profile, the reproducible pins: kdpipe.run.kernels)."""
+    from kdpipe.run.kernels import capped_below_bf16
+
+    if capped_below_bf16():
+        return False
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -131,7 +137,10 @@ def setup(seed: int, device: str | None = None, cfg: RuntimeConfig | None = None
         from kdpipe.run import distributed
 
         dev = distributed.init(dev)
-    rt = Runtime(dev, resolve_precision(cfg.precision, dev), cfg.channels_last, cfg.compile, cfg.sync_batchnorm)
+    if cfg.reproducible:
+        require_reproducible(dev)
+    precision = resolve_precision("fp32" if cfg.reproducible else cfg.precision, dev)
+    rt = Runtime(dev, precision, cfg.channels_last, cfg.compile, cfg.sync_batchnorm, cfg.reproducible)
     threads = os.environ.get("KDPIPE_THREADS")
     if threads:
         if not threads.isdigit() or int(threads) < 1:
@@ -150,6 +159,17 @@ def setup(seed: int, device: str | None = None, cfg: RuntimeConfig | None = None
     elif dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
     return rt
+
+
+def require_reproducible(dev: torch.device) -> None:
+    """runtime.reproducible: the stage runs on the CPU with its kernels pinned (kdpipe.run.kernels); a
+    ConfigError otherwise. GPU kernels are not pinned: their numbers differ by GPU type."""
+    from kdpipe.run.kernels import require_pinned
+
+    if dev.type != "cpu":
+        raise ConfigError(f"runtime.reproducible: pins CPU kernels, this stage runs on {dev}; set KDPIPE_DEVICE=cpu "
+                          "or runtime.reproducible: false")
+    require_pinned()
 
 
 def pick_device(device: str | None = None) -> torch.device:
@@ -178,6 +198,7 @@ def device_facts(rt: Runtime) -> dict[str, str]:
         "cuda_version": str(torch.version.cuda),
         "device": str(rt.device),
         "precision": rt.precision,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # ATen's vector kernels: AVX512, AVX2, ...
         "channels_last": str(rt.channels_last),
         "compile": str(rt.compile),
         "cpu_threads": str(torch.get_num_threads()),

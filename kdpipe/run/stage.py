@@ -1,5 +1,5 @@
-"""What every stage shares: the thin main() (params path, user errors as one line + exit code 2), the start of
-its work (runtime, paths, prepared data) and its MLflow tags."""
+"""What every stage shares: the thin main() (params path, user errors as one line + exit code 2, SIGINT and
+SIGTERM as one line + 130/143), the start of its work (runtime, paths, prepared data) and its MLflow tags."""
 
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ from typing import NoReturn
 
 from kdpipe.config import DEFAULT_PARAMS, Config, load
 from kdpipe.env import RANK_ERRORS_ENV, rank, under_torchrun
-from kdpipe.errors import EXIT_USER_ERROR, UserError
+from kdpipe.errors import EXIT_SIGNAL_BASE, EXIT_USER_ERROR, Interrupted, UserError
 from kdpipe.paths import Paths
+from kdpipe.run import signals
 
 
 def report_error(stage: str, message: str) -> None:
@@ -34,24 +35,42 @@ DATA_PARALLEL = ("teacher", "scratch", "distill")  # the stages runtime.processe
 
 def run_stage(stage: str, work: Callable[[Config], object], argv: list[str] | None = None) -> int:
     """Parse `--params`, validate them before anything is touched, then run `work(cfg)`: in this process, or,
-    for a training stage with runtime.processes > 1, in that many ranks launched as torchrun does."""
+    for a training stage with runtime.processes > 1, in that many ranks launched as torchrun does. With
+    runtime.reproducible the CPU kernel paths are pinned first, for this process and the ranks it starts."""
     parser = argparse.ArgumentParser(prog=f"python -m kdpipe.stages.{stage}")
     parser.add_argument("--params", default=os.environ.get("KDPIPE_PARAMS", DEFAULT_PARAMS))
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
-    try:
-        cfg = load(args.params)
-        if cfg.runtime.processes > 1 and stage in DATA_PARALLEL and not under_torchrun():
-            from kdpipe.run import distributed
+    with signals.interrupts():  # SIGINT/SIGTERM: errors.Interrupted, reported below as one line
+        try:
+            cfg = load(args.params)
+            if cfg.runtime.reproducible:  # before torch runs its first kernel (validation imports, never runs it)
+                from kdpipe.run.kernels import pin_reproducible
 
-            preflight(cfg)  # an unreachable MLflow server fails here, once, not in every rank
-            return distributed.launch(stage, args.params, cfg.runtime.processes)
-        work(cfg)
-    except UserError as e:
-        report_error(stage, str(e))
-        return EXIT_USER_ERROR
+                pin_reproducible(stage)
+            if cfg.runtime.processes > 1 and stage in DATA_PARALLEL and not under_torchrun():
+                from kdpipe.run import distributed
+
+                preflight(cfg)  # an unreachable MLflow server fails here, once, not in every rank
+                return distributed.launch(stage, args.params, cfg.runtime.processes)
+            work(cfg)
+        except UserError as e:
+            report_error(stage, str(e))
+            return EXIT_USER_ERROR
+        except Interrupted as e:
+            report_interrupt(stage, e)
+            return EXIT_SIGNAL_BASE + e.args[0]
     _record_timing(stage, time.perf_counter() - t0)
     return 0
+
+
+def report_interrupt(stage: str, e: Interrupted) -> None:
+    """One line: where the run stopped (the training loop's "seed S, epoch E"), the signal, what to do."""
+    import signal
+
+    where = f" at {e.at}" if getattr(e, "at", None) else ""
+    todo = "rerun to resume" if stage in DATA_PARALLEL else "rerun it"
+    print(f"kdpipe {stage}: interrupted{where} ({signal.Signals(e.args[0]).name}); {todo}", file=sys.stderr)
 
 
 def exit_now(code: int) -> NoReturn:
@@ -141,12 +160,13 @@ class StageContext:
 
 
 def preflight(cfg: Config, outputs: tuple[str, ...] = ()) -> None:
-    """What a stage's environment can get wrong, checked before any work: the MLflow server answers, and the
-    output folders (`outputs`: keys of params' paths section) can be written."""
+    """What a stage's environment can get wrong, checked before any work: the MLflow server answers, a local store
+    is not damaged, and the output folders (`outputs`: keys of params' paths section) can be written."""
     from kdpipe import store
     from kdpipe.files import require_writable
 
     store.check_reachable(cfg.tracking)
+    store.check_local(cfg.tracking)
     require_writable({f"paths.{key}": getattr(cfg.paths, key) for key in outputs})
 
 

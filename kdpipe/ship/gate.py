@@ -4,13 +4,15 @@ imports mlflow, inside functions.
 
 The promotion rule (`champion_decision`), applied to every new version of a registered model:
   * `candidate` always moves to the new version: it is "the latest export that passed its checks";
-  * `champion` moves to it when parity passed and
+  * `champion` moves to it when parity passed, its test accuracy is above chance level (its `chance_accuracy`
+    tag, the majority class's share of the test split, + kdpipe.metrics.CHANCE_MARGIN: a model that learned
+    nothing is never crowned, whatever the champion's dataset), and
       - there is no champion yet, or
       - the champion was made on another dataset (its `dataset_digest` tag differs): the data changed, and an
         accuracy measured on other test images is not comparable, so the newest model wins, or
       - its test accuracy is ≥ the champion's (ties go to the newer model: same quality, newer code);
     a champion without a readable `test_accuracy` tag (registered by hand) counts as beatable.
-Only what the rule reads is trusted: the `test_accuracy` and `dataset_digest` version tags. Exports that race
+Only what the rule reads is trusted: the `test_accuracy`, `dataset_digest` and `chance_accuracy` version tags. Exports that race
 (two checkouts, one store) take turns at the gate (`gate_lock`), so the rule applies as if they had not raced.
 """
 
@@ -30,16 +32,24 @@ CHAMPION = "champion"
 
 
 def champion_decision(test_accuracy: float, dataset_digest: str, champion_tags: dict[str, str] | None,
-                      *, parity_passed: bool = True, newer_champion: bool = False) -> tuple[bool, str]:
+                      *, parity_passed: bool = True, newer_champion: bool = False,
+                      chance: float | None = None) -> tuple[bool, str]:
     """(take champion?, why) for a new version with `test_accuracy` on `dataset_digest`, given the current
     champion's version tags (None when there is none). Pure: the rule of the module docstring.
 
     newer_champion: the champion is a later version than this one (two exports raced and the later version
     was gated first); "newer wins" then favours the champion, so only a strictly better model on the same
     data takes its place, which is what gating the two in version order would have given.
+    chance: the new version's chance level on its test split (None: not known, not checked).
     """
     if not parity_passed:
         return False, "parity failed"
+    if chance is not None:
+        from kdpipe.metrics import CHANCE_MARGIN, at_chance
+
+        if at_chance(test_accuracy, chance):
+            return False, (f"test accuracy {test_accuracy:.4f} is at chance ({chance:.4f}, the majority class's share "
+                           f"of test, + {CHANCE_MARGIN:g})")
     if champion_tags is None:
         return True, "no champion yet"
     if champion_tags.get("dataset_digest") != dataset_digest:
@@ -85,10 +95,12 @@ def _gate(client, name: str, version: str, parity_passed: bool) -> dict:
     """apply_gate's read, decide and set, while it holds the gate lock."""
     new = client.get_model_version(name, version)
     accuracy = float(new.tags.get("test_accuracy", "nan"))
+    chance = float(new.tags["chance_accuracy"]) if "chance_accuracy" in new.tags else None
     champion, candidate = current_champion(client, name), current_champion(client, name, CANDIDATE)
     take, reason = champion_decision(accuracy, new.tags.get("dataset_digest", ""),
                                      None if champion is None else dict(champion.tags), parity_passed=parity_passed,
-                                     newer_champion=champion is not None and int(champion.version) > int(version))
+                                     newer_champion=champion is not None and int(champion.version) > int(version),
+                                     chance=chance)
     if candidate is None or int(candidate.version) < int(version):
         client.set_registered_model_alias(name, CANDIDATE, version)
     if take:

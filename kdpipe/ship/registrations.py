@@ -99,6 +99,7 @@ class Release:
     git_commit: str
     models: Models
     shipment: Shipment
+    chance_accuracy: float | None = None  # the majority class's share of the test split: the gate's chance level
 
     def entry(self, role: str, name: str, artifact: str, tags: dict, description: str) -> Registration:
         """The Registration of one shipped file: common tags, its own numbers, then the role's `tags`."""
@@ -106,6 +107,8 @@ class Release:
         tags = {"git_commit": self.git_commit, "dataset": cfg.data.dataset, "opset": cfg.export.opset,
                 "method": cfg.distill.method, "role": role, "params_hash": result.params_hash,
                 "latency_ms_b1": f"{result.latency.b1:.4f}", "latency_ms_b64": f"{result.latency.b64:.4f}", **tags}
+        if self.chance_accuracy is not None:
+            tags["chance_accuracy"] = f"{self.chance_accuracy:.6f}"
         return Registration(name=name, onnx_path=result.path, artifact_name=artifact,
                             test_accuracy=result.accuracy, dataset_digest=self.dataset_digest,
                             tags={k: str(v) for k, v in tags.items()}, description=description)
@@ -163,3 +166,21 @@ def int8_entry(release: Release, fp32_version: str) -> Registration:
         f"int8 (static QDQ) of kdpipe student {models.student.name} distilled from teacher {models.teacher.name} "
         f"with method {cfg.distill.method} on {cfg.data.dataset} (seed {models.seed}); fp32 version "
         f"{fp32_version}.")
+
+
+ORPHAN_TAG = "orphan"  # on a version whose export run never finished: why, and which run found it
+
+
+def tag_orphans(dead_runs: list[str], by_run: str) -> list[str]:
+    """Tag the registry versions that export runs killed mid-way registered (`dead_runs`: marked KILLED by
+    tracking.reap_dead_runs), so that every version belongs to a finished run or says why not; "name vN" of each.
+    They stay loadable (a version is registered only once its model is logged), and the gate keeps judging them."""
+    mlflow = mlflow_module()
+    client, tagged = mlflow.MlflowClient(), []
+    for run_id in dead_runs:
+        for version in client.search_model_versions(f"run_id = '{run_id}'"):
+            client.set_model_version_tag(version.name, version.version, ORPHAN_TAG,
+                                         f"registered by export run {run_id}, which was killed before it finished "
+                                         f"(no metrics/export.json); export run {by_run} registered again")
+            tagged.append(f"{version.name} v{version.version}")
+    return tagged

@@ -105,14 +105,19 @@ def params_hash(params: dict) -> str:
 
 def provenance(cfg: Config, prepared: dict, model: nn.Module, ckpt: dict, role: str, git: dict,
                extra: dict) -> dict[str, str]:
-    """ONNX metadata_props: what a consumer needs (classes, input) and where the file came from.
+    """ONNX metadata_props: what a consumer needs (classes, input size, the image file → input preprocessing that
+    prepare applied to the images evaluate scores, which `kdpipe predict` applies too) and where the file came from.
 
     params_hash covers the params the checkpoint carries (the recipe that made the weights) and the opset.
     """
+    from kdpipe.data.images import describe, prepared_resize
+
     c, h, w = prepared["image_shape"]
+    resize = prepared_resize(prepared.get("params", {}).get("data", {}))  # as prepare made the evaluated images
     return {
         "classes": json.dumps(list(prepared["classes"])), "input_size": f"{c}x{h}x{w}",
         "input_format": "float32 (N, C, H, W) in [0, 1] (uint8 / 255); dynamic batch; normalisation inside",
+        "resize": resize, "preprocess": describe(resize, "L" if c == 1 else "RGB", (w, h)),
         "role": role, "model": model.name, "dataset": cfg.data.dataset, "dataset_digest": prepared["digest"],
         "params_hash": params_hash({"params": ckpt.get("params", {}), "opset": cfg.export.opset}),
         "git_commit": git["git_commit"], "git_dirty": git["git_dirty"],

@@ -150,7 +150,7 @@ def evaluate(ctx: StageContext, models: dict[str, list]) -> tuple[dict, dict]:
     results = {label: summarise(scored[label], cost(models[label][0][1], shape)) for label in models}
     gap = gap_recovered(*(results[k]["test_accuracy"] for k in ("teacher", "scratch", "distilled")))
     results.update(gap_recovered=gap, dataset=cfg.data.dataset, dataset_digest=ctx.digest,
-                   seeds=list(cfg.student.seeds), method=cfg.distill.method,
+                   reproducible=ctx.rt.reproducible, seeds=list(cfg.student.seeds), method=cfg.distill.method,
                    shipped=shipped_seed(ctx, models["distilled"]))
     return results, scored
 

@@ -41,6 +41,12 @@ def run(cfg: Config) -> dict:
     models, evaluated = load_inputs(ctx)
     git = tracking.git_facts()
     with tracking.stage_run(STAGE, cfg, tags=ctx.tags(student_seed=models.seed, method=cfg.distill.method)) as run:
+        if run.reaped:  # an export killed mid-way (SIGKILL): its registry versions say so
+            from kdpipe.ship.registrations import tag_orphans
+
+            orphans = tag_orphans(run.reaped, run.run_id)
+            print(f"export: marked {len(run.reaped)} dead export run(s) KILLED; registry versions they left, tagged "
+                  f"orphan: {', '.join(orphans) or 'none'}", file=sys.stderr)
         with shipping.staging(ctx.paths) as folder:
             exported = shipping.export_checked(cfg, ctx.prepared, models, ctx.paths, folder, git)
             run.log_metrics(shipping.parity_metrics(exported))  # before the check: a FAILED run shows why
@@ -89,10 +95,12 @@ def read_evaluated(ctx: StageContext) -> dict:
 
 def register(ctx: StageContext, models: Models, shipment: Shipment, metrics: dict, git: dict) -> dict:
     """Registry versions of the shipped files (int8 only within export.int8_max_accuracy_drop)."""
+    from kdpipe.metrics import chance_accuracy
     from kdpipe.ship.registrations import Release
     from kdpipe.ship.registrations import register as register_versions
 
-    release = Release(ctx.cfg, ctx.digest, git["git_commit"], models, shipment)
+    release = Release(ctx.cfg, ctx.digest, git["git_commit"], models, shipment,
+                      chance_accuracy(ctx.prepared["test_y"]))
     return register_versions(release, ctx.prepared["test_x"], ctx.paths.teacher, int8=metrics["int8_registrable"])
 
 
@@ -122,7 +130,7 @@ def export_metrics(ctx: StageContext, models: Models, shipped: dict, shipment: S
         "latency_threads": cfg.export.latency_threads,
         "registered_version": None, "champion": False, "teacher_registered_version": None,
         "teacher_champion": False, "int8_registered_version": None, "registry": {},
-        "dataset_digest": ctx.digest,
+        "dataset_digest": ctx.digest, "reproducible": ctx.rt.reproducible,
         "params": {"seed": cfg.seed, "student_seeds": list(cfg.student.seeds),
                    "distill_method": cfg.distill.method, "export": cfg.export.model_dump(mode="json")},
     }

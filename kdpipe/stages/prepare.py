@@ -38,7 +38,8 @@ def prepare(cfg: Config, path: Path) -> dict:
 
         return prepare_to_disk(dataset_root(cfg), cfg.data.image_size, path, val_fraction=cfg.data.val_fraction,
                                test_fraction=cfg.data.test_fraction, seed=cfg.seed,
-                               train_subset=cfg.data.train_subset, workers=cfg.data.workers or os.cpu_count() or 1)
+                               train_subset=cfg.data.train_subset, workers=cfg.data.workers or os.cpu_count() or 1,
+                               resize=cfg.data.resize)
     raw = load_raw(cfg.data.dataset, dataset_root(cfg), image_size=cfg.data.image_size,
                    download=cfg.data.download)
     if cfg.data.train_subset:

@@ -38,8 +38,9 @@ def train_teacher(cfg: Config, prepared: dict, rt, splits, on_epoch=None, resume
     """Worker: build and fit the teacher (with `seed`, default the params' seed), or fine-tune `model` (a brought
     teacher), from where an interrupted run left it with `resume` (a kdpipe.train.resume.Resume); (model, FitResult)."""
     from kdpipe.train.engine import fit
+    from kdpipe.train.guards import check_learned
 
-    seed = cfg.seed if seed is None else seed
+    seed, brought = cfg.seed if seed is None else seed, model is not None
     if model is None:  # a brought teacher is prepared already (run() scores it whether or not it trains)
         model = new_teacher(cfg, prepared, rt)
     train, val, _ = splits
@@ -49,6 +50,8 @@ def train_teacher(cfg: Config, prepared: dict, rt, splits, on_epoch=None, resume
     result = fit(model, train, val, cfg.teacher, rt, seed=seed, on_epoch=on_epoch, desc=desc,
                  state=resume.current(seed) if resume else None,
                  on_state=(lambda state: resume.save_epoch(seed, state)) if resume else None)
+    if cfg.teacher.chance_guard:  # before anything is written: a collapsed teacher never replaces the last one
+        check_learned(result, val.y, cfg.teacher, stage=STAGE, seed=seed, section="teacher", from_scratch=not brought)
     return model, result
 
 
@@ -188,7 +191,8 @@ def teacher_metrics(ctx, model, result, train_seconds: float, params: dict) -> d
         "epochs_run": result.epochs_run, "best_epoch": result.best_epoch,
         "stopped_early": result.stopped_early, "train_seconds": round(train_seconds, 2),
         "num_parameters": count_parameters(model), "model": model.name, "source": ctx.cfg.teacher.source,
-        "precision": ctx.rt.precision, "dataset_digest": ctx.digest, "params": params,
+        "precision": ctx.rt.precision, "reproducible": ctx.rt.reproducible, "dataset_digest": ctx.digest,
+        "params": params,
     }
 
 

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from kdpipe.config import Config, DistillConfig, StudentConfig
+from kdpipe.data.augment_params import augments
 from kdpipe.distill import composite, curriculum, feature_losses
 from kdpipe.distill.methods import needs_features
 from kdpipe.distill.views import TeacherViews
@@ -49,7 +50,7 @@ def fold_batchnorm(teacher: nn.Module) -> nn.Module:
 def can_use_cached_logits(student: StudentConfig, weights: dict[str, float]) -> bool:
     """Cached teacher logits describe the un-augmented images; they are right only when the student
     sees exactly those, and when no term needs the teacher's intermediate features."""
-    return student.crop_padding == 0 and not student.flip and not needs_features(weights)
+    return not augments(student) and not needs_features(weights)
 
 
 def load_teacher_outputs(paths: Paths, prepared: dict) -> dict:
@@ -166,12 +167,14 @@ class Distiller:
         seed (FKD). Returns the seconds it took."""
         import time
 
-        from kdpipe.distill.views import label_views
+        from kdpipe.distill.views import label_photo_views, label_views
 
         t0 = time.perf_counter()
-        recipe = self.cfg.student
-        views = label_views(self.teacher, train_x, self.cfg.distill.teacher_views, recipe.crop_padding, recipe.flip,
-                            self.cfg.seed, self.rt)
+        recipe, k = self.cfg.student, self.cfg.distill.teacher_views
+        if recipe.augment == "resized_crop":
+            views = label_photo_views(self.teacher, train_x, k, recipe, self.cfg.seed, self.rt)
+        else:
+            views = label_views(self.teacher, train_x, k, recipe.crop_padding, recipe.flip, self.cfg.seed, self.rt)
         self.views = views.to(self.rt.device)
         return time.perf_counter() - t0
 
@@ -196,7 +199,7 @@ class Distiller:
         pool = (curriculum.epoch_pools(cfg.curriculum, self.difficulty, cfg.student.epochs, seed)
                 if cfg.curriculum.enabled else None)
         return Objective(loss_fn=loss_fn, extra_modules=extra, epoch_pool=pool,
-                         augment=self.views.augment if self.views is not None else None)
+                         augment=self.views.reading(splits[0]).augment if self.views is not None else None)
 
     def hint_phase(self, student: nn.Module, adapter: nn.Module, seed: int, splits) -> None:
         """FitNets stage 1 (Romero et al. 2015): train the student up to its guided layer, with the adapter,

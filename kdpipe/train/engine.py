@@ -12,6 +12,7 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -19,9 +20,10 @@ from torch import nn
 
 from kdpipe.config import TrainConfig
 from kdpipe.data.batches import Split, to_float
-from kdpipe.run import distributed
+from kdpipe.errors import Interrupted
+from kdpipe.run import distributed, signals
 from kdpipe.run.runtime import Runtime
-from kdpipe.train import guards
+from kdpipe.train import guards, precise_bn
 from kdpipe.train.inference import score
 from kdpipe.train.objective import AugmentFn, LossFn, Objective, cross_entropy_loss, recipe_augment
 from kdpipe.train.progress import progress_bar
@@ -34,6 +36,7 @@ class FitResult:
     best_val_accuracy: float = 0.0
     epochs_run: int = 0
     stopped_early: bool = False
+    start_loss: float | None = None  # median loss over the run's first guards.START_STEPS steps
 
 
 def lr_factor(progress: float, cfg: TrainConfig) -> float:
@@ -90,36 +93,56 @@ def fit(
     uninterrupted run would have (kdpipe.train.resume keeps it on disk).
     """
     objective = objective or Objective()
-    trainer = _Trainer.build(model, cfg, rt, seed, objective, desc, train)
-    all_idx = torch.arange(len(train))
-    result, best_state, best_key, start = FitResult(), None, (-1.0, 0.0), 0
-    if state is not None:
-        result, best_state, best_key, start = trainer.load_state(state)
-    bar = progress_bar(cfg.epochs, desc)
-    for epoch in range(start, cfg.epochs):
-        pool = objective.epoch_pool(epoch) if objective.epoch_pool else all_idx
-        t0 = time.perf_counter()
-        row = {"epoch": epoch + 1, **trainer.train_epoch(train, pool, epoch)}
-        val_metrics = score(model, val, rt)
-        row.update(val_loss=val_metrics["loss"], val_accuracy=val_metrics["accuracy"])
-        row.update(seconds=time.perf_counter() - t0, train_samples=len(pool))
-        result.history.append(row)
-        result.epochs_run = epoch + 1
-        key = (row["val_accuracy"], -row["val_loss"])
-        if key > best_key:
-            best_key, result.best_epoch, result.best_val_accuracy = key, epoch + 1, row["val_accuracy"]
-            best_state = _snapshot(trainer.modules)
-        bar(row)
-        if on_epoch:
-            on_epoch(row)
-        if cfg.patience and epoch + 1 - result.best_epoch >= cfg.patience:
-            result.stopped_early = True
-            break
-        if on_state and epoch + 1 < cfg.epochs:
-            on_state(trainer.state(epoch + 1, result, best_state, best_key))
+    # where a rerun resumes (1-based): the epoch in progress, until its end state is saved
+    at = {"seed": seed, "epoch": (state["epoch"] if state is not None else 0) + 1}
+    with _interrupted_at(at):
+        trainer = _Trainer.build(model, cfg, rt, seed, objective, desc, train)
+        all_idx = torch.arange(len(train))
+        result, best_state, best_key, start = FitResult(), None, (-1.0, 0.0), 0
+        if state is not None:
+            result, best_state, best_key, start = trainer.load_state(state)
+        bar = progress_bar(cfg.epochs, desc)
+        for epoch in range(start, cfg.epochs):
+            at["epoch"] = epoch + 1
+            pool = objective.epoch_pool(epoch) if objective.epoch_pool else all_idx
+            t0 = time.perf_counter()
+            row = {"epoch": epoch + 1, **trainer.train_epoch(train, pool, epoch)}
+            if cfg.bn_recalibrate:  # BatchNorm statistics of these weights, not the training's running ones
+                precise_bn.recalibrate(model, train, cfg.bn_recalibrate, rt, trainer.read)
+            val_metrics = score(model, val, rt)
+            row.update(val_loss=val_metrics["loss"], val_accuracy=val_metrics["accuracy"])
+            row.update(seconds=time.perf_counter() - t0, train_samples=len(pool))
+            result.history.append(row)
+            result.epochs_run = epoch + 1
+            key = (row["val_accuracy"], -row["val_loss"])
+            if key > best_key:
+                best_key, result.best_epoch, result.best_val_accuracy = key, epoch + 1, row["val_accuracy"]
+                best_state = _snapshot(trainer.modules)
+            bar(row)
+            if on_epoch:
+                on_epoch(row)
+            if cfg.patience and epoch + 1 - result.best_epoch >= cfg.patience:
+                result.stopped_early = True
+                break
+            if on_state and epoch + 1 < cfg.epochs:
+                on_state(trainer.state(epoch + 1, result, best_state, best_key))
+                at["epoch"] = epoch + 2
+    result.start_loss = trainer.start_loss
     if restore_best:
         _restore(trainer.modules, best_state)
     return result
+
+
+@contextmanager
+def _interrupted_at(at: dict) -> Iterator[None]:
+    """A SIGINT or SIGTERM (errors.Interrupted, raised by the stage's handler) learns where it struck, for the
+    stage's one line: `at`'s seed and epoch (1-based) as the loop leaves them, the epoch a rerun resumes at."""
+    try:
+        yield
+    except Interrupted as e:
+        if not hasattr(e, "at"):
+            e.at = f"seed {at['seed']}, epoch {at['epoch']}"
+        raise
 
 
 @dataclass
@@ -147,7 +170,8 @@ class _Trainer:
         modules = [model, *objective.extra_modules]
         params = [p for m in modules for p in m.parameters() if p.requires_grad]
         return cls(modules, make_optimizer(params, cfg), objective.loss_fn or cross_entropy_loss(cfg.label_smoothing),
-                   objective.augment or recipe_augment(cfg), cfg, rt, torch.Generator().manual_seed(seed),
+                   objective.augment or recipe_augment(cfg, getattr(model, "num_classes", None)), cfg, rt,
+                   torch.Generator().manual_seed(seed),
                    rt.generator(seed + 1), rt.grad_scaler(), _reader(train, rt),
                    distributed.wrap(model, rt.device, rt.sync_batchnorm), seed, desc)
 
@@ -161,12 +185,13 @@ class _Trainer:
         steps: dict[str, list[torch.Tensor]] = {}  # each step's loss parts, checked once the epoch is done
         correct = seen = 0
         for i, (idx, xb, yb) in enumerate(self.read(train, _batches(pool, cfg.batch_size, self.shuffle_gen))):
+            signals.check()  # a SIGINT/SIGTERM whose exception was swallowed (in a weakref callback) ends it here
             lr = cfg.lr * lr_factor(epoch + i / n_batches, cfg)
             logits, y, parts = self.step(idx, xb, yb, lr)
             for name, value in parts.items():  # sums as tensors: one host sync per epoch, not per step
                 sums[name] = sums.get(name, 0.0) + value.detach().float() * len(y)
                 steps.setdefault(name, []).append(value.detach().float())
-            correct += (logits.argmax(1) == y).sum()
+            correct += (logits.argmax(1) == (y if y.dim() == 1 else y.argmax(1))).sum()  # mixed: the larger share
             seen += len(y)
         # Ranks train on shards of each batch: the epoch's figures (and the divergence verdict) are their mean.
         self.check_divergence({name: distributed.average(torch.stack(values)).cpu() for name, values in steps.items()},
@@ -219,9 +244,8 @@ class _Trainer:
         x = to_float(xb.to(self.rt.device, non_blocking=True))
         # Every rank augments the whole batch with the same generator, then trains on its shard: the views and the
         # random stream are those of one process (shard is the identity there).
-        x, rows = self.augment(x, idx, self.aug_gen)
-        x, rows = distributed.shard(x), distributed.shard(rows)
-        y = distributed.shard(yb).to(self.rt.device, non_blocking=True)
+        x, rows, y = self.augment(x, idx, yb.to(self.rt.device, non_blocking=True), self.aug_gen)
+        x, rows, y = distributed.shard(x), distributed.shard(rows), distributed.shard(y)
         with self.rt.autocast():
             logits, parts = self.loss_fn(self.net, self.rt.layout(x), y, rows)
         self.opt.zero_grad(set_to_none=True)

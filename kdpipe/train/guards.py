@@ -1,13 +1,21 @@
-"""Guards on a training run: it stops, in one line naming the run and the figures, when its loss diverges.
+"""Guards on a training run: it stops, in one line naming the run and the figures, when its loss diverges, and
+a finished run fails the same way when it learned nothing.
 
 A guard raises a UserError before anything is written, so a failed run never replaces an output.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from kdpipe.errors import UserError
+from kdpipe.metrics import CHANCE_MARGIN, at_chance, chance_accuracy
+
+if TYPE_CHECKING:
+    from kdpipe.config import TrainConfig
+    from kdpipe.train.engine import FitResult
 
 # A loss this many times its value over the first steps of a run has diverged (a bad learning rate: teacher.lr 10
 # measured 4.7 → 1,115,076 in one epoch here), as has a non-finite one.
@@ -41,3 +49,29 @@ def check_divergence(steps: dict[str, torch.Tensor], start_loss: float | None, *
         raise DivergedError(
             f"{where}, step {i + 1}/{len(loss)}: loss {loss[i].item():.4g}{parts}, over {DIVERGENCE_FACTOR:g}x its "
             f"start {start_loss:.4g} or not finite; lower the lr ({lr:g}) or raise warmup_epochs ({warmup:g})")
+
+
+class NotLearnedError(UserError):
+    """Training learned nothing (val accuracy at chance, or a loss that never fell): the stage stops before
+    anything is written, as after a divergence."""
+
+
+def check_learned(result: FitResult, val_labels: torch.Tensor, recipe: TrainConfig, *, stage: str, seed: int,
+                  section: str, from_scratch: bool = True) -> None:
+    """NotLearnedError when a finished run's best val accuracy is at chance (metrics.at_chance: at most
+    CHANCE_MARGIN above the majority class's share of val), or when, for a model trained from its initialisation,
+    the loss never fell below its start in any epoch after the first (an epoch's mean against the median of the
+    run's first START_STEPS steps; a one-epoch run is too short to tell). A brought teacher fine-tuned further may
+    keep its low start loss, so only its accuracy is checked. `section` (teacher | student) names the params
+    whose chance_guard turns this off."""
+    where = f"{stage}: learned nothing at seed {seed} in {result.epochs_run} epochs"
+    fix = (f"check the labels and the recipe ({section}.lr {recipe.lr:g}, batch_size {recipe.batch_size}), or set "
+           f"{section}.chance_guard: false to keep such a run")
+    chance = chance_accuracy(val_labels.cpu())
+    if at_chance(result.best_val_accuracy, chance):
+        raise NotLearnedError(f"{where}: best val accuracy {result.best_val_accuracy:.4f} is at chance ({chance:.4f}, "
+                              f"the majority class's share of val, + {CHANCE_MARGIN:g}); {fix}")
+    later = [row["train_loss"] for row in result.history[1:]]
+    if from_scratch and later and result.start_loss is not None and min(later) >= result.start_loss:
+        raise NotLearnedError(f"{where}: the loss never fell below its start {result.start_loss:.4g} (lowest epoch "
+                              f"mean after the first: {min(later):.4g}); {fix}")

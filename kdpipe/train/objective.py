@@ -1,5 +1,8 @@
 """What a training run optimises beyond the plain recipe: the loss function, modules trained alongside the model,
-the curriculum's pool per epoch and the augmentation (the recipe's crop and flip unless replaced)."""
+the curriculum's pool per epoch and the augmentation (the recipe's own, pad_crop or resized_crop, unless replaced).
+
+Labels reach the loss as class indices (N,), or as (N, K) probabilities where the augmentation mixed images
+(mixup / cutmix): losses.cross_entropy takes either."""
 
 from __future__ import annotations
 
@@ -10,16 +13,20 @@ import torch
 from torch import nn
 
 from kdpipe.config import TrainConfig
+from kdpipe.data import photo_aug
 from kdpipe.data.batches import augment_batch
 from kdpipe.distill import losses
 
-# (model, float images (B, C, H, W) augmented, labels (B,), rows (B,)) -> (logits, parts incl. "loss"). rows are
-# the batch's train positions, or what the objective's `augment` returned instead (the rows of cached views).
+# (model, float images (B, C, H, W) augmented, labels (B,) or mixed (B, K), rows (B,)) -> (logits, parts incl.
+# "loss"). rows are the batch's train positions, or what the objective's `augment` returned instead (the rows of
+# cached views).
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict]]
 
 
-# (float images (B, C, H, W), train positions (B,), generator) -> (augmented images, rows for the loss)
-AugmentFn = Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
+# (float images (B, C, H, W), train positions (B,), labels (B,), generator) -> (augmented images, rows for the
+# loss, labels: y itself, or (B, K) probabilities where images were mixed)
+AugmentFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Generator],
+                     tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
 @dataclass
@@ -45,10 +52,15 @@ def cross_entropy_loss(label_smoothing: float = 0.0) -> LossFn:
     return loss_fn
 
 
-def recipe_augment(cfg: TrainConfig) -> AugmentFn:
-    """The recipe's random crop and flip; the loss gets the train positions."""
+def recipe_augment(cfg: TrainConfig, num_classes: int | None = None) -> AugmentFn:
+    """The recipe's augmentation: pad_crop's random crop and flip, or resized_crop's photo views (kdpipe.data.
+    photo_aug; mixing needs `num_classes` for the mixed labels). The loss gets the train positions."""
 
-    def augment(x: torch.Tensor, idx: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        return augment_batch(x, cfg.crop_padding, cfg.flip, generator=gen), idx
+    def photo(x: torch.Tensor, idx: torch.Tensor, y: torch.Tensor, gen: torch.Generator):
+        x, y = photo_aug.augment(x, y, cfg, gen, num_classes, cfg.flip)
+        return x, idx, y
 
-    return augment
+    def augment(x: torch.Tensor, idx: torch.Tensor, y: torch.Tensor, gen: torch.Generator):
+        return augment_batch(x, cfg.crop_padding, cfg.flip, generator=gen), idx, y
+
+    return photo if cfg.augment == "resized_crop" else augment

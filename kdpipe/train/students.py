@@ -20,6 +20,7 @@ from kdpipe.config import StudentConfig
 from kdpipe.data.batches import Split
 from kdpipe.metrics import mean_std
 from kdpipe.train.engine import FitResult, fit
+from kdpipe.train.guards import check_learned
 from kdpipe.train.inference import score
 from kdpipe.train.objective import Objective
 
@@ -87,6 +88,8 @@ def _train_one(model, seed, recipe, rt, train, val, desc, objective_for, on_epoc
                  state=resume.current(seed) if resume else None,
                  on_state=(lambda state: resume.save_epoch(seed, state)) if resume else None)
     seconds = time.perf_counter() - t0
+    if recipe.chance_guard:  # before the seed counts as done or anything is written
+        check_learned(result, val.y, recipe, stage=desc, seed=seed, section="student")
     alongside = {type(m).__name__: m.state_dict() for m in objective.extra_modules}
     if resume:
         resume.save_done(seed, {"model": model.state_dict(), "result": dataclasses.asdict(result),
@@ -163,7 +166,8 @@ def write_student_outputs(stage: str, ctx: StageContext, runs: list[SeedRun], pa
             save_torch(ctx.paths.alongside(stage, r.seed), {"modules": r.alongside, "seed": r.seed,
                                                            "dataset_digest": ctx.digest, "params": params})
     metrics = {**summarise(runs), "model": ctx.cfg.student.model, "num_parameters": count_parameters(runs[0].model),
-               **(extra_metrics or {}), "precision": ctx.rt.precision, "dataset_digest": ctx.digest,
+               **(extra_metrics or {}), "precision": ctx.rt.precision, "reproducible": ctx.rt.reproducible,
+               "dataset_digest": ctx.digest,
                "params": params}
     write_json(ctx.paths.metrics(stage), metrics)
     write_csv(ctx.paths.curves(stage), mean_curves(runs))
