@@ -17,6 +17,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PROJECT_FILES = ("kdpipe", "flows", "dvc.yaml", "params.yaml", "prefect.yaml", "data/raw/README.md", ".dvc/config",
+                 ".dvc/offline_plots",
                  ".dvcignore", ".gitignore")
 
 

@@ -1,4 +1,4 @@
-"""Figures for the reports: confusion matrices, training curves, the accuracy-vs-latency trade-off.
+"""Figures for the reports: confusion matrices (PNG, and CSV for DVC plots), training curves, the accuracy-vs-latency trade-off.
 
 matplotlib is imported inside `pyplot()` (about a second), only when a figure is drawn. Every file is written
 atomically (a temporary name beside the target, then a rename), so a crash never leaves half a PNG where DVC
@@ -52,6 +52,17 @@ def confusion_png(confusion: list[list[int]], classes: list[str], path: str | Pa
     if k <= CELL_COUNTS_MAX_CLASSES:
         annotate_counts(ax, confusion)
     return save_figure(fig, path)
+
+
+def confusion_csv(confusion: list[list[int]], classes: list[str], path: str | Path) -> Path:
+    """The confusion matrix as `actual,predicted` rows, one per test image (cell (i, j) repeated its count times):
+    the table DVC's `confusion` plot template counts (dvc.yaml's top-level plots), so `dvc plots show` draws it
+    beside the curves and `dvc plots diff` compares it between experiments."""
+    from kdpipe.files import write_csv
+
+    rows = [{"actual": classes[i], "predicted": classes[j]} for i, row in enumerate(confusion)
+            for j, count in enumerate(row) for _ in range(count)]  # csv-quoted: folder names may hold commas
+    return write_csv(path, rows)
 
 
 def annotate_counts(ax, confusion: list[list[int]]) -> None:

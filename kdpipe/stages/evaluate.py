@@ -112,7 +112,7 @@ def write_report(ctx: StageContext, results: dict, scored: dict) -> Path:
     curves."""
     from kdpipe.files import write_text
     from kdpipe.report.markdown import evaluate_table, markdown_report
-    from kdpipe.report.plots import confusion_png, curves_png
+    from kdpipe.report.plots import confusion_csv, confusion_png, curves_png
 
     cfg, prepared, reports = ctx.cfg, ctx.prepared, ctx.paths.reports(STAGE)
     images, sections = {}, {}
@@ -123,6 +123,7 @@ def write_report(ctx: StageContext, results: dict, scored: dict) -> Path:
         png = confusion_png(metrics["confusion"], prepared["classes"], reports / f"confusion_{name}.png",
                             title=f"{which}: test confusion matrix")
         images[f"confusion matrix, {which}"] = png.name
+        confusion_csv(metrics["confusion"], prepared["classes"], reports / f"confusion_{name}.csv")  # dvc plots
         sections[f"Classification report: {which}"] = metrics["report_text"]
     curves = {label: _read_curve(ctx.paths.curves(stage)) for label, stage in STUDENT_STAGES.items()}
     images["validation accuracy per epoch (mean over seeds)"] = curves_png(
