@@ -109,6 +109,7 @@ prefect-server: venv
 deploy: venv
 	@python -c "from prefect.settings import PREFECT_API_URL as u; raise SystemExit(0 if u.value() else \
 	  'make deploy: set PREFECT_API_URL first, e.g. http://127.0.0.1:4200/api (see make prefect-server)')"
+	@python -m flows.source check-remote
 	prefect work-pool inspect kdpipe-process >/dev/null 2>&1 || prefect work-pool create kdpipe-process --type process
 	prefect --no-prompt deploy --all
 
