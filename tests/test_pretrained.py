@@ -43,8 +43,12 @@ def test_a_torchvision_teacher_is_fine_tuned_and_feeds_distill(tiny_pipeline, tm
     monkeypatch.chdir(tmp_path)
     params = tiny_pipeline.workspace(tmp_path, teacher__source="torchvision", teacher__model=f"tv:{ARCH}",
                         teacher__weights=WEIGHTS, teacher__finetune=True, teacher__epochs=1,
-                        teacher__warmup_epochs=0, student__seeds=[0], student__epochs=1, student__warmup_epochs=0,
+                        teacher__warmup_epochs=0, runtime__precision="fp32", student__seeds=[0], student__epochs=1,
+                        student__warmup_epochs=0,
                         student__chance_guard=False)  # one epoch from this 37 % teacher: the student stays at chance
+    # fp32: under bf16 autocast on an AMX CPU (AMD EPYC, avx512_bf16 + amx) fine-tuning these random "ImageNet"
+    # weights at lr 0.05 went NaN at step 12 (the divergence guard stopped it); this test is about the torchvision
+    # path, not bf16's numerics.
     path = write_params(tmp_path / "params.yaml", params)
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_home"))  # no weights file: one line, no download
