@@ -205,11 +205,12 @@ class ExportConfig(_Section):
     latency_repeats: int = Field(default=30, ge=3)
     latency_threads: int = Field(default=1, ge=1)  # onnxruntime intra-op threads for the latency figures
     int8: bool = True
-    int8_max_accuracy_drop: float = Field(default=0.01, ge=0, le=1)  # register int8 only within this drop
+    int8_max_accuracy_drop: float = Field(default=0.01, ge=0, le=1)  # register int8 only within this val drop
     calibration_images: int = Field(default=256, ge=8)  # int8 calibration sample from the train split
     registry: bool = True  # register versions in the MLflow model registry
     registered_model: str = Field(default="kdpipe-student", min_length=1)
     teacher_registered_model: str = Field(default="kdpipe-teacher", min_length=1)
+    promote: bool | Literal["auto"] = "auto"  # may move champion; auto: not in a `dvc exp run` (ship/gate.py)
 
 
 class TrackingConfig(_Section):
@@ -296,5 +297,3 @@ def from_dict(raw: dict) -> Config:
         return Config.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(params_file.first_error(e)) from None
-
-

@@ -30,11 +30,8 @@ def resource_usage(t0: float) -> dict[str, float]:
     import resource
 
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    out = {
-        "resources/wall_seconds": time.perf_counter() - t0,
-        "resources/cpu_seconds": usage.ru_utime + usage.ru_stime,
-        "resources/peak_rss_mb": usage.ru_maxrss / 1024,  # ru_maxrss is in KiB on Linux
-    }
+    out = {"resources/wall_seconds": time.perf_counter() - t0, "resources/cpu_seconds": usage.ru_utime + usage.ru_stime,
+           "resources/peak_rss_mb": usage.ru_maxrss / 1024}  # ru_maxrss is in KiB on Linux
     import torch
 
     if torch.cuda.is_available():
@@ -42,8 +39,14 @@ def resource_usage(t0: float) -> dict[str, float]:
     return out
 
 
+PIPELINE_WRITES = ("dvc.lock", "data/prepared", "data/downloads", "models", "metrics", "plots", "reports", ".kdpipe",
+                   "mlflow.db", "mlartifacts")  # paths.* defaults, dvc.lock, the local store
+
+
 def git_facts(root: Path | None = None) -> dict[str, str]:
-    """Commit and dirty flag of the code that ran ("unknown" outside a git checkout)."""
+    """Commit and dirty flag of the code that ran ("unknown" outside a git checkout). Dirty counts tracked files
+    changed outside PIPELINE_WRITES: what the pipeline writes is a result, not a change to the code that ran (else
+    every run after `make run` said dirty, its own dvc.lock being changed)."""
     def git(*args: str) -> str:
         try:
             out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
@@ -52,7 +55,8 @@ def git_facts(root: Path | None = None) -> dict[str, str]:
         return out.stdout.strip() if out.returncode == 0 else ""
 
     commit = git("rev-parse", "HEAD") or "unknown"
-    dirty = git("status", "--porcelain", "--untracked-files=no")
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                *(f":(exclude){path}" for path in PIPELINE_WRITES))
     return {"git_commit": commit, "git_dirty": str(bool(dirty)).lower(), "mlflow.source.git.commit": commit}
 
 
@@ -101,22 +105,16 @@ class StageRun:
 
 
 class NullRun:
-    """What a rank other than 0 logs into: nothing."""
+    """What a rank other than 0 logs into: nothing. Every StageRun method (log_epoch, log_metrics, set_tags,
+    log_artifact) is there and does nothing."""
 
     run_id = None
     reaped: list[str] = []
 
-    def log_epoch(self, row: dict, prefix: str = "") -> None:
-        pass
-
-    def log_metrics(self, metrics: dict[str, float], prefix: str = "") -> None:
-        pass
-
-    def set_tags(self, tags: dict[str, str]) -> None:
-        pass
-
-    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        pass
+    def __getattr__(self, name: str):
+        if not hasattr(StageRun, name):
+            raise AttributeError(name)
+        return lambda *args, **kwargs: None
 
 
 def redacted_params(params: dict) -> dict[str, str]:
@@ -165,12 +163,61 @@ def stage_run(
         try:
             t0 = time.perf_counter()
             mlflow.log_params(redacted_params(cfg.flat()))
+            if run_tags.get("dataset_digest"):
+                log_dataset(mlflow, cfg, stage, run_tags["dataset_digest"], root)
             reaped = reap_dead_runs(mlflow.MlflowClient(), experiment_id, stage, run.info.run_id)
             yield StageRun(mlflow, run, reaped)
             mlflow.log_metrics(resource_usage(t0))
         except Interrupted:
             mlflow.end_run("KILLED")  # not FAILED: nothing went wrong, and the stage can be resumed
             raise
+
+
+TRAINING = ("teacher", "scratch", "distill")  # the stages whose dataset input is logged as "training"
+
+
+def log_dataset(mlflow, cfg: Config, stage: str, digest: str, root: Path) -> None:
+    """The prepared data as the run's MLflow dataset input (the run page's *Datasets*): a metadata-only dataset
+    named after data.dataset, its source the prepared folder, its digest kdpipe's prepared-data digest (its first
+    36 characters, the most MLflow's store column holds; the whole one in the input's `dataset_digest` tag)."""
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.data.sources import LocalArtifactDatasetSource
+
+    dataset = MetaDataset(LocalArtifactDatasetSource(str(root / cfg.paths.prepared)),
+                          name=f"{cfg.data.dataset}-prepared", digest=digest[:36])
+    mlflow.log_input(dataset, context="training" if stage in TRAINING else stage, tags={"dataset_digest": digest})
+
+
+CHECKPOINT_MD5 = "checkpoint_md5"  # `checkpoint_md5.<file name>` tags: which run wrote which checkpoint
+
+
+def record_checkpoints(files: list[Path], artifact_path: str = "checkpoints") -> None:
+    """After a training stage's run ended in this process: its checkpoints logged into it, and their md5 as tags,
+    so export can name the run that wrote the very files it ships (source_runs), even when DVC restored them."""
+    from kdpipe.files import file_md5
+
+    if not is_main():
+        return
+    mlflow = import_mlflow()
+    run_id, client = mlflow.last_active_run().info.run_id, mlflow.MlflowClient()
+    for path in files:  # the last active run: the one this process just ended
+        client.log_artifact(run_id, str(path), artifact_path)
+        client.set_tag(run_id, f"{CHECKPOINT_MD5}.{Path(path).name}", file_md5(path))
+
+
+def source_runs(cfg: Config, files: dict[str, Path], root: Path | None = None) -> dict[str, str]:
+    """stage → id of the newest run of that stage, in this experiment, that recorded `files[stage]` with its
+    current md5 (record_checkpoints); "unknown" when none did (a store that was not the one it trained in)."""
+    from kdpipe.files import file_md5
+
+    client = import_mlflow().MlflowClient(tracking_uri(cfg.tracking, (root or Path.cwd()).resolve()))
+    experiment, found = client.get_experiment_by_name(cfg.tracking.experiment), {}
+    for stage, path in files.items():
+        query = f"tags.stage = '{stage}' and tags.`{CHECKPOINT_MD5}.{Path(path).name}` = '{file_md5(path)}'"
+        runs = client.search_runs([experiment.experiment_id], query, order_by=["attributes.start_time DESC"],
+                                  max_results=1) if experiment else []
+        found[stage] = runs[0].info.run_id if runs else "unknown"
+    return found
 
 
 HOST_TAG, PID_TAG, STARTED_TAG = "kdpipe.host", "kdpipe.pid", "kdpipe.pid_started"
@@ -243,9 +290,7 @@ def start_parent_run(name: str, cfg: Config, *, tags: dict[str, str] | None = No
 
 def end_parent_run(run_id: str, cfg: Config, *, ok: bool, tags: dict[str, str] | None = None,
                    metrics: dict[str, float] | None = None, root: Path | None = None) -> None:
-    mlflow = import_mlflow()
-
-    client = mlflow.MlflowClient(tracking_uri(cfg.tracking, (root or Path.cwd()).resolve()))
+    client = import_mlflow().MlflowClient(tracking_uri(cfg.tracking, (root or Path.cwd()).resolve()))
     for key, value in (tags or {}).items():
         client.set_tag(run_id, key, str(value))
     for key, value in (metrics or {}).items():

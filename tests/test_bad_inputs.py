@@ -516,7 +516,7 @@ def store(tmp_path_factory) -> Path:
         mlflow.set_tracking_uri(uri)
         experiment = mlflow.create_experiment("kdpipe", artifact_location=(folder / "mlartifacts").as_uri())
         entry = registrations.Registration(name=NAME, onnx_path=tiny_onnx(folder / "tiny.onnx"), artifact_name="student",
-                                      test_accuracy=0.9, dataset_digest="d1")
+                                      test_accuracy=0.9, dataset_digest="d1", val_accuracy=0.9)
         with mlflow.start_run(experiment_id=experiment):
             registrations.register_onnx(entry, np.random.default_rng(0).random((2, 1, 4, 4), dtype=np.float32))
     return folder

@@ -374,9 +374,10 @@ def test_an_image_folder_inside_paths_raw_passes(ws):
 
 def test_the_gate_never_crowns_a_model_at_chance_whatever_the_champions_data(tmp_path):
     """A photo-folder pipeline's 2-epoch student scored 0.333 on 3 classes and was crowned: the data had changed, so
-    "newest wins". Now a version at chance (its chance_accuracy tag) takes candidate only; one above it still wins."""
-    assert gate.champion_decision(0.34, "d2", {"test_accuracy": "0.9", "dataset_digest": "d1"}, chance=0.3333) == (
-        False, "test accuracy 0.3400 is at chance (0.3333, the majority class's share of test, + 0.02)")
+    "newest wins". Now a version at chance on validation (its val_chance_accuracy tag) takes candidate only; one
+    above it still wins."""
+    assert gate.champion_decision(0.34, "d2", {"val_accuracy": "0.9", "dataset_digest": "d1"}, chance=0.3333) == (
+        False, "validation accuracy 0.3400 is at chance (0.3333, the majority class's share of validation, + 0.02)")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     example = np.random.default_rng(0).random((2, 1, 4, 4), dtype=np.float32)
     with pytest.MonkeyPatch.context() as mp:
@@ -388,7 +389,7 @@ def test_the_gate_never_crowns_a_model_at_chance_whatever_the_champions_data(tmp
         for accuracy, digest, chance in ((0.9, "d1", 0.1), (0.333, "d2", 0.333), (0.6, "d2", 0.333)):
             entry = registrations.Registration(name="kdpipe-student", onnx_path=tiny_onnx(tmp_path / "tiny.onnx"),
                                                artifact_name="student", test_accuracy=accuracy, dataset_digest=digest,
-                                               tags={"chance_accuracy": str(chance)})
+                                               tags={"val_chance_accuracy": str(chance)}, val_accuracy=accuracy)
             with mlflow.start_run(experiment_id=experiment):
                 gates.append(registrations.register_onnx(entry, example))
     assert [(g["version"], g["champion"]) for g in gates] == [("1", True), ("2", False), ("3", True)]

@@ -107,7 +107,7 @@ gate.current_champion = slow_read
 client = mlflow.MlflowClient(uri, registry_uri=uri)
 """ + BARRIER + """
 for accuracy in accuracies:
-    tags = {"test_accuracy": str(accuracy), "dataset_digest": "d1"}
+    tags = {"val_accuracy": str(accuracy), "test_accuracy": str(accuracy), "dataset_digest": "d1"}
     version = client.create_model_version("m", source=sys.argv[4], tags=tags)
     print(json.dumps(gate.apply_gate(client, "m", version.version)))
 """
@@ -149,7 +149,7 @@ def test_racing_exports_keep_every_version_and_crown_the_best(tmp_path, lock):
 
 def test_a_racer_older_than_the_champion_needs_to_be_strictly_better():
     """Gated after a newer version (the two raced): ties and changed data stay with the newer champion."""
-    decide, champion = gate.champion_decision, {"test_accuracy": "0.9", "dataset_digest": "d1"}
+    decide, champion = gate.champion_decision, {"val_accuracy": "0.9", "dataset_digest": "d1"}
     assert decide(0.9, "d1", champion)[0] and not decide(0.9, "d1", champion, newer_champion=True)[0]
     assert decide(0.91, "d1", champion, newer_champion=True)[0]
     assert decide(0.5, "d2", champion)[0] and not decide(0.99, "d2", champion, newer_champion=True)[0]

@@ -198,14 +198,16 @@ def test_champion_resolves_and_predicts_like_pytorch(done):
 
 
 def test_gate_rule():
+    """On validation accuracy (the first argument): the champion's val_accuracy tag is what is compared."""
     decide = gate.champion_decision
-    champion = {"test_accuracy": "0.9", "dataset_digest": "d1"}
+    champion = {"val_accuracy": "0.9", "test_accuracy": "0.5", "dataset_digest": "d1"}
     assert decide(0.8, "d1", None) == (True, "no champion yet")
     assert not decide(0.8, "d1", champion)[0]
     assert decide(0.9, "d1", champion)[0] and decide(0.95, "d1", champion)[0]
     assert decide(0.5, "d2", champion)[0]  # data changed: an old-data champion is not comparable
     assert not decide(0.99, "d1", champion, parity_passed=False)[0]
-    assert decide(0.1, "d1", {"dataset_digest": "d1"})[0]  # no readable accuracy: beatable
+    assert decide(0.1, "d1", {"dataset_digest": "d1", "test_accuracy": "0.99"})[0]  # no val_accuracy: beatable
+    assert not decide(float("nan"), "d1", None)[0]  # a version without val_accuracy is never crowned
 
 
 def test_gate_moves_aliases_in_a_registry(tmp_path):
@@ -214,7 +216,7 @@ def test_gate_moves_aliases_in_a_registry(tmp_path):
     c.create_registered_model("m")
 
     def new(acc: float, digest: str = "d1") -> dict:
-        v = c.create_model_version("m", source=str(tmp_path), tags={"test_accuracy": str(acc), "dataset_digest": digest})
+        v = c.create_model_version("m", source=str(tmp_path), tags={"val_accuracy": str(acc), "dataset_digest": digest})
         return gate.apply_gate(c, "m", v.version)
 
     assert new(0.90) == {"version": "1", "aliases": ["candidate", "champion"], "champion": True,
@@ -229,14 +231,14 @@ def test_gate_moves_aliases_in_a_registry(tmp_path):
 
 
 def test_stage_gate_end_to_end(done, tmp_path, monkeypatch):
-    """Rerun the real stage against a fresh store: v1 takes champion; with v1's accuracy pretended perfect,
+    """Rerun the real stage against a fresh store: v1 takes champion; with v1's validation accuracy pretended perfect,
     v2 only becomes candidate; int8 off leaves no int8 file; registry off registers nothing."""
     work, _, _ = done
     params = rerun_params(work, tmp_path, monkeypatch)
     cfg = config.from_dict(params)
     first = export.run(cfg)
     assert first["registered_version"] == "1" and first["champion"]
-    client(cfg).set_model_version_tag(STUDENT, "1", "test_accuracy", "1.0")
+    client(cfg).set_model_version_tag(STUDENT, "1", "val_accuracy", "1.0")
     cfg2 = config.from_dict({**params, "export": {**params["export"], "int8": False}})
     second = export.run(cfg2)
     assert second["registered_version"] == "2" and not second["champion"]

@@ -50,7 +50,8 @@ def populate(store: Path, folder: Path) -> None:
     with mlflow.start_run(experiment_id=experiment):
         for accuracy in (0.9, 0.8):
             entry = registrations.Registration(name=NAME, onnx_path=onnx_path, artifact_name="student",
-                                          test_accuracy=accuracy, dataset_digest="d1", tags={"method": "kd"})
+                                          test_accuracy=accuracy, dataset_digest="d1", tags={"method": "kd"},
+                                          val_accuracy=accuracy)
             registrations.register_onnx(entry, example)
 
 
@@ -102,5 +103,6 @@ def test_registered_model_and_aliases_over_rest(tmp_path, monkeypatch):
         assert champion["version"] == "1"
         tags = {t["key"]: t["value"] for t in champion["tags"]}
         assert tags["test_accuracy"] == "0.900000" and tags["dataset_digest"] == "d1" and tags["method"] == "kd"
+        assert tags["val_accuracy"] == "0.900000" and tags["promotion_reason"] == "no champion yet"
     finally:
         stop(server)

@@ -2,22 +2,33 @@
 export at a time. With kdpipe/store.py, kdpipe/tracking.py, registry.py and registrations.py, the only code that
 imports mlflow, inside functions.
 
-The promotion rule (`champion_decision`), applied to every new version of a registered model:
+The promotion rule (`champion_decision`), applied to every new version of a registered model. It reads the
+VALIDATION accuracy (the `val_accuracy` version tag, onnxruntime on the validation split): the test split never
+decides anything, so `test_accuracy` is a reported tag only.
   * `candidate` always moves to the new version: it is "the latest export that passed its checks";
-  * `champion` moves to it when parity passed, its test accuracy is above chance level (its `chance_accuracy`
-    tag, the majority class's share of the test split, + kdpipe.metrics.CHANCE_MARGIN: a model that learned
-    nothing is never crowned, whatever the champion's dataset), and
+  * `champion` moves to it when promotion is on (`promotion`: export.promote; off by default in a `dvc exp run`,
+    so an exploratory run never changes what deployments serve), parity passed, it has a readable
+    `val_accuracy`, it clears the minimum quality to be crowned, whatever the champion's dataset:
+      - above chance (its `val_chance_accuracy` tag, the majority class's share of the validation split,
+        + kdpipe.metrics.CHANCE_MARGIN: a model that learned nothing is never crowned), and
+      - above the scratch baseline (its `baseline_val_accuracy` tag: the same-seed scratch student, scored the
+        same way; a distilled model no better than no distillation is not worth serving),
+    and
       - there is no champion yet, or
       - the champion was made on another dataset (its `dataset_digest` tag differs): the data changed, and an
-        accuracy measured on other test images is not comparable, so the newest model wins, or
-      - its test accuracy is ≥ the champion's (ties go to the newer model: same quality, newer code);
-    a champion without a readable `test_accuracy` tag (registered by hand) counts as beatable.
-Only what the rule reads is trusted: the `test_accuracy`, `dataset_digest` and `chance_accuracy` version tags. Exports that race
-(two checkouts, one store) take turns at the gate (`gate_lock`), so the rule applies as if they had not raced.
+        accuracy measured on other images is not comparable, so the newest model wins, or
+      - its validation accuracy is >= the champion's (ties go to the newer model: same quality, newer code);
+    a champion without a readable `val_accuracy` tag (registered by hand, or before validation decided) counts
+    as beatable.
+The decision's reason is written on the version (`promotion_reason`). Only what the rule reads is trusted: the
+version tags above. Exports that race (two checkouts, one store) take turns at the gate (`gate_lock`), so the
+rule applies as if they had not raced.
 """
 
 from __future__ import annotations
 
+import math
+import os
 import random
 import time
 from collections.abc import Iterator
@@ -27,29 +38,54 @@ from kdpipe.ship.registry import RegistryError
 
 CANDIDATE = "candidate"
 CHAMPION = "champion"
+REASON_TAG = "promotion_reason"  # on every gated version: why it took champion or not
+EXPERIMENT_ENV = "DVC_EXP_NAME"  # set by DVC in every stage process of a `dvc exp run` (dvc/repo/experiments)
 
 
+def promotion(setting: bool | str, environ=os.environ) -> tuple[bool, str]:
+    """(may this export move champion?, why) for export.promote: true, false, or auto (yes, except inside a
+    `dvc exp run`, which DVC announces to its stage processes with DVC_EXP_NAME and DVC_EXP_BASELINE_REV)."""
+    if setting is True or setting is False:
+        return setting, f"export.promote: {str(setting).lower()}"
+    experiment = environ.get(EXPERIMENT_ENV)
+    if experiment:
+        return False, f"a DVC experiment ({EXPERIMENT_ENV}={experiment}) with export.promote: auto"
+    return True, "export.promote: auto, not a DVC experiment"
 
 
-def champion_decision(test_accuracy: float, dataset_digest: str, champion_tags: dict[str, str] | None,
+def quality_floor(val_accuracy: float, chance: float | None, baseline: float | None) -> str | None:
+    """Why a version with `val_accuracy` may not be crowned at all (None when it may): no readable accuracy, at
+    chance level, or no better than the scratch baseline. Checked whatever the champion is."""
+    if math.isnan(val_accuracy):
+        return "no readable val_accuracy tag: it cannot be judged on validation"
+    if chance is not None:
+        from kdpipe.metrics import CHANCE_MARGIN, at_chance
+
+        if at_chance(val_accuracy, chance):
+            return (f"validation accuracy {val_accuracy:.4f} is at chance ({chance:.4f}, the majority class's share "
+                    f"of validation, + {CHANCE_MARGIN:g})")
+    if baseline is not None and not val_accuracy > baseline:
+        return f"validation accuracy {val_accuracy:.4f} does not beat the scratch baseline's {baseline:.4f}"
+    return None
+
+
+def champion_decision(val_accuracy: float, dataset_digest: str, champion_tags: dict[str, str] | None,
                       *, parity_passed: bool = True, newer_champion: bool = False,
-                      chance: float | None = None) -> tuple[bool, str]:
-    """(take champion?, why) for a new version with `test_accuracy` on `dataset_digest`, given the current
-    champion's version tags (None when there is none). Pure: the rule of the module docstring.
+                      chance: float | None = None, baseline: float | None = None) -> tuple[bool, str]:
+    """(take champion?, why) for a new version with `val_accuracy` (validation split) on `dataset_digest`, given
+    the current champion's version tags (None when there is none). Pure: the rule of the module docstring.
 
     newer_champion: the champion is a later version than this one (two exports raced and the later version
     was gated first); "newer wins" then favours the champion, so only a strictly better model on the same
     data takes its place, which is what gating the two in version order would have given.
-    chance: the new version's chance level on its test split (None: not known, not checked).
+    chance, baseline: the new version's chance level on validation and its scratch baseline's validation
+    accuracy (None: not known, not checked).
     """
     if not parity_passed:
         return False, "parity failed"
-    if chance is not None:
-        from kdpipe.metrics import CHANCE_MARGIN, at_chance
-
-        if at_chance(test_accuracy, chance):
-            return False, (f"test accuracy {test_accuracy:.4f} is at chance ({chance:.4f}, the majority class's share "
-                           f"of test, + {CHANCE_MARGIN:g})")
+    floor = quality_floor(val_accuracy, chance, baseline)
+    if floor:
+        return False, floor
     if champion_tags is None:
         return True, "no champion yet"
     if champion_tags.get("dataset_digest") != dataset_digest:
@@ -57,14 +93,14 @@ def champion_decision(test_accuracy: float, dataset_digest: str, champion_tags: 
             return False, "the champion is a newer version made on other data"
         return True, "data changed: the champion was made on another dataset digest"
     try:
-        best = float(champion_tags["test_accuracy"])
+        best = float(champion_tags["val_accuracy"])
     except (KeyError, ValueError):
-        return True, "the champion has no readable test_accuracy tag"
-    if test_accuracy > best or (test_accuracy == best and not newer_champion):
-        return True, f"test accuracy {test_accuracy:.4f} >= champion's {best:.4f}"
-    if test_accuracy == best:
-        return False, f"test accuracy {test_accuracy:.4f} = champion's, and the champion is newer"
-    return False, f"test accuracy {test_accuracy:.4f} < champion's {best:.4f}"
+        return True, "the champion has no readable val_accuracy tag"
+    if val_accuracy > best or (val_accuracy == best and not newer_champion):
+        return True, f"validation accuracy {val_accuracy:.4f} >= champion's {best:.4f}"
+    if val_accuracy == best:
+        return False, f"validation accuracy {val_accuracy:.4f} = champion's, and the champion is newer"
+    return False, f"validation accuracy {val_accuracy:.4f} < champion's {best:.4f}"
 
 
 def current_champion(client, name: str, alias: str = CHAMPION):
@@ -77,34 +113,45 @@ def current_champion(client, name: str, alias: str = CHAMPION):
         return None
 
 
-def apply_gate(client, name: str, version: str, *, parity_passed: bool = True) -> dict:
-    """Give `version` the candidate alias, and champion when `champion_decision` says so.
+def apply_gate(client, name: str, version: str, *, parity_passed: bool = True,
+               promote: tuple[bool, str] = (True, "")) -> dict:
+    """Give `version` the candidate alias, and champion when promotion is on (`promote`: `promotion()`'s pair)
+    and `champion_decision` says so; the reason becomes the version's `promotion_reason` tag.
 
-    The new version's own `test_accuracy` and `dataset_digest` tags are what gets compared. Gates of one model
-    run one at a time, across processes and checkouts (`gate_lock`), so exports that race end as if they had
-    been gated one after the other; an alias never moves back to an older version except a champion to a
-    strictly better one on the same data. Returns {version, aliases, champion, previous_champion, reason}.
+    The new version's own tags are what gets compared. Gates of one model run one at a time, across processes
+    and checkouts (`gate_lock`), so exports that race end as if they had been gated one after the other; an
+    alias never moves back to an older version except a champion to a strictly better one on the same data.
+    Returns {version, aliases, champion, previous_champion, reason}.
     """
     from kdpipe.store import retry_locked
 
     with gate_lock(client, name):
-        return retry_locked(lambda: _gate(client, name, str(version), parity_passed))
+        return retry_locked(lambda: _gate(client, name, str(version), parity_passed, promote))
 
 
-def _gate(client, name: str, version: str, parity_passed: bool) -> dict:
+def _float_tag(tags: dict, key: str) -> float | None:
+    """A numeric version tag, None when absent."""
+    return float(tags[key]) if key in tags else None
+
+
+def _gate(client, name: str, version: str, parity_passed: bool, promote: tuple[bool, str]) -> dict:
     """apply_gate's read, decide and set, while it holds the gate lock."""
     new = client.get_model_version(name, version)
-    accuracy = float(new.tags.get("test_accuracy", "nan"))
-    chance = float(new.tags["chance_accuracy"]) if "chance_accuracy" in new.tags else None
+    accuracy = float(new.tags.get("val_accuracy", "nan"))
     champion, candidate = current_champion(client, name), current_champion(client, name, CANDIDATE)
     take, reason = champion_decision(accuracy, new.tags.get("dataset_digest", ""),
                                      None if champion is None else dict(champion.tags), parity_passed=parity_passed,
                                      newer_champion=champion is not None and int(champion.version) > int(version),
-                                     chance=chance)
+                                     chance=_float_tag(new.tags, "val_chance_accuracy"),
+                                     baseline=_float_tag(new.tags, "baseline_val_accuracy"))
+    if not promote[0]:
+        verdict = "yes" if take else "no"
+        take, reason = False, f"not promoted ({promote[1]}); the rule would have said: {verdict}, {reason}"
     if candidate is None or int(candidate.version) < int(version):
         client.set_registered_model_alias(name, CANDIDATE, version)
     if take:
         client.set_registered_model_alias(name, CHAMPION, version)
+    client.set_model_version_tag(name, version, REASON_TAG, reason)
     aliases = sorted(a for a, v in client.get_registered_model(name).aliases.items() if str(v) == version)
     return {"version": version, "aliases": aliases, "champion": take,
             "previous_champion": None if champion is None else str(champion.version), "reason": reason}

@@ -3,7 +3,10 @@ results, logged with MLflow's ONNX flavour and registered, each through the cand
 kdpipe/ship/gate.py.
 
 The teacher's kdpipe checkpoint is logged beside its version (tag `checkpoint_artifact`), so a later run can
-reuse it with teacher.source: registry. mlflow is imported inside functions, through registry.mlflow_module.
+reuse it with teacher.source: registry. Each version's tags and description carry its lineage (git commit,
+dvc.lock digest, the export run, the runs it was trained in); the registered models' own description and tags
+(model_card.py) say what the model is and how to serve it. mlflow is imported inside functions, through
+registry.mlflow_module.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ class Registration:
     dataset_digest: str
     tags: dict[str, str] = field(default_factory=dict)
     description: str = ""
+    val_accuracy: float | None = None  # what the gate decides on; None: no tag, never crowned
 
 
 def pip_requirements() -> list[str]:
@@ -43,9 +47,11 @@ def pip_requirements() -> list[str]:
     return mlflow.onnx.get_default_pip_requirements()
 
 
-def register_onnx(entry: Registration, input_example, *, parity_passed: bool = True) -> dict:
+def register_onnx(entry: Registration, input_example, *, parity_passed: bool = True,
+                  promote: tuple[bool, str] = (True, "")) -> dict:
     """Log `entry.onnx_path` with the ONNX flavour into the active run, register it as a new version of
-    `entry.name` with its tags and description, then apply the gate. Returns apply_gate's dict.
+    `entry.name` with its tags and description, then apply the gate (`promote`: gate.promotion's pair). Returns
+    apply_gate's dict.
 
     input_example: a few images, float32 [0, 1] (N, C, H, W); the signature is inferred from it and the
     model's logits. The ONNX file is loaded fresh here: `mlflow.onnx.log_model` mutates the object it gets.
@@ -66,11 +72,13 @@ def register_onnx(entry: Registration, input_example, *, parity_passed: bool = T
     version = str(info.registered_model_version)
     client = mlflow.MlflowClient()
     tags = {**entry.tags, "test_accuracy": f"{entry.test_accuracy:.6f}", "dataset_digest": entry.dataset_digest}
+    if entry.val_accuracy is not None:
+        tags["val_accuracy"] = f"{entry.val_accuracy:.6f}"
     for key, value in tags.items():
         client.set_model_version_tag(entry.name, version, key, str(value))
     if entry.description:
         client.update_model_version(entry.name, version, description=entry.description)
-    return apply_gate(client, entry.name, version, parity_passed=parity_passed)
+    return apply_gate(client, entry.name, version, parity_passed=parity_passed, promote=promote)
 
 
 def _run_onnx(path: Path, images):
@@ -92,39 +100,59 @@ EXAMPLE_IMAGES = 4  # test images logged as each registered version's input exam
 
 @dataclass(frozen=True)
 class Release:
-    """What every version registered by one export shares: params, data, commit, models, measured files."""
+    """What every version registered by one export shares: params, data, commit, models, measured files, the
+    gate's inputs (chance level of the validation split, whether to promote) and the lineage."""
 
     cfg: Config
     dataset_digest: str
     git_commit: str
     models: Models
     shipment: Shipment
-    chance_accuracy: float | None = None  # the majority class's share of the test split: the gate's chance level
+    chance_accuracy: float | None = None  # the majority class's share of the validation split: the chance level
+    promote: tuple[bool, str] = (True, "")  # gate.promotion(export.promote)
+    lineage: dict[str, str] = field(default_factory=dict)  # export_run, teacher/scratch/distill_run, dvc_lock_sha256
 
     def entry(self, role: str, name: str, artifact: str, tags: dict, description: str) -> Registration:
-        """The Registration of one shipped file: common tags, its own numbers, then the role's `tags`."""
+        """The Registration of one shipped file: common tags, its own numbers, the lineage, then the role's `tags`;
+        the description ends with the lineage in words."""
         cfg, result = self.cfg, self.shipment.shipped()[role]
         tags = {"git_commit": self.git_commit, "dataset": cfg.data.dataset, "opset": cfg.export.opset,
                 "method": cfg.distill.method, "role": role, "params_hash": result.params_hash,
-                "latency_ms_b1": f"{result.latency.b1:.4f}", "latency_ms_b64": f"{result.latency.b64:.4f}", **tags}
+                "latency_ms_b1": f"{result.latency.b1:.4f}", "latency_ms_b64": f"{result.latency.b64:.4f}",
+                **self.lineage, **tags}
         if self.chance_accuracy is not None:
-            tags["chance_accuracy"] = f"{self.chance_accuracy:.6f}"
+            tags["val_chance_accuracy"] = f"{self.chance_accuracy:.6f}"
         return Registration(name=name, onnx_path=result.path, artifact_name=artifact,
                             test_accuracy=result.accuracy, dataset_digest=self.dataset_digest,
-                            tags={k: str(v) for k, v in tags.items()}, description=description)
+                            tags={k: str(v) for k, v in tags.items()}, val_accuracy=result.val_accuracy,
+                            description=f"{description} {self.lineage_text()}")
+
+    def lineage_text(self) -> str:
+        """The version's lineage as a sentence: commit, dvc.lock digest, the export run and the training runs."""
+        lin = self.lineage
+        return (f"Lineage: git commit {self.git_commit}, dvc.lock sha256 {lin.get('dvc_lock_sha256', 'unknown')}, "
+                f"export run {lin.get('export_run', 'unknown')}, distill run {lin.get('distill_run', 'unknown')}, "
+                f"scratch run {lin.get('scratch_run', 'unknown')}, teacher run {lin.get('teacher_run', 'unknown')}.")
+
+    def register(self, entry: Registration, example) -> dict:
+        """register_onnx with this export's promotion setting."""
+        return register_onnx(entry, example, promote=self.promote)
 
 
 def register(release: Release, test_images: Tensor, teacher_checkpoint: Path, *, int8: bool) -> dict[str, dict]:
-    """Teacher, student and (with `int8`: within export.int8_max_accuracy_drop) int8 as new registry versions,
-    each through the gate. Returns role → registry.register_onnx's record (version, aliases, champion, ...)."""
+    """Teacher, student and (with `int8`: within export.int8_max_accuracy_drop of validation accuracy) int8 as
+    new registry versions, each through the gate, and the registered models described (model_card.py). Returns
+    role → registry.register_onnx's record (version, aliases, champion, ...)."""
+    from kdpipe.ship.model_card import describe_models
     from kdpipe.ship.onnx_export import as_float01
 
     example = as_float01(test_images[:EXAMPLE_IMAGES])  # (4, C, H, W) float32 [0, 1]
     checkpoint = log_checkpoint(teacher_checkpoint, artifact_path="teacher_checkpoint")
-    registered = {"teacher": register_onnx(teacher_entry(release, checkpoint), example),
-                  "student": register_onnx(student_entry(release), example)}
+    registered = {"teacher": release.register(teacher_entry(release, checkpoint), example),
+                  "student": release.register(student_entry(release), example)}
     if int8:
-        registered["int8"] = register_onnx(int8_entry(release, registered["student"]["version"]), example)
+        registered["int8"] = release.register(int8_entry(release, registered["student"]["version"]), example)
+    describe_models(release, registered)
     return registered
 
 
@@ -142,9 +170,11 @@ def teacher_entry(release: Release, checkpoint: str) -> Registration:
 
 
 def student_tags(release: Release) -> dict:
-    """The tags the fp32 and int8 students share."""
-    return {"model": release.models.student.name, "student_seed": release.models.seed,
+    """The tags the fp32 and int8 students share, with the scratch baseline the gate must see them beat."""
+    tags = {"model": release.models.student.name, "student_seed": release.models.seed,
             "teacher_model": release.models.teacher.name}
+    baseline = release.shipment.scratch.val_accuracy
+    return tags if baseline is None else {**tags, "baseline_val_accuracy": f"{baseline:.6f}"}
 
 
 def student_entry(release: Release) -> Registration:
@@ -157,15 +187,27 @@ def student_entry(release: Release) -> Registration:
 
 
 def int8_entry(release: Release, fp32_version: str) -> Registration:
-    """The int8 student, pointing at the fp32 version it was quantised from."""
-    cfg, models = release.cfg, release.models
+    """The int8 student, pointing at the fp32 version it was quantised from, with both batch-1 latencies.
+
+    An int8 model slower than fp32 at batch 1 is still registered, tagged `int8_slower_than_fp32: true` with
+    `latency_ms_b1` and `fp32_latency_ms_b1`, rather than left out: sub-millisecond latencies on a shared CPU
+    flip with the machine's load, so a registration that depended on them would come and go from run to run,
+    and int8 is ~35 % smaller, which is what counts where memory or download size is the limit. The tag and the
+    description say it plainly; whoever deploys picks by the figures."""
+    cfg, models, shipment = release.cfg, release.models, release.shipment
+    slower, fp32_b1, int8_b1 = shipment.int8_slower, shipment.student.latency.b1, shipment.int8.latency.b1
     tags = {**student_tags(release), "quantization": "static int8 (QDQ, MinMax)",
-            "int8_accuracy_drop": f"{release.shipment.int8_drop:.6f}", "fp32_version": fp32_version}
+            "int8_accuracy_drop": f"{shipment.int8_drop:.6f}",
+            "int8_val_accuracy_drop": f"{shipment.int8_val_drop:.6f}",
+            "fp32_version": fp32_version, "int8_slower_than_fp32": str(slower).lower(),
+            "fp32_latency_ms_b1": f"{fp32_b1:.4f}"}
+    speed = (f"SLOWER than fp32 at batch 1 ({int8_b1:.3f} ms vs {fp32_b1:.3f} ms): smaller, not faster"
+             if slower else f"{int8_b1:.3f} ms vs fp32 {fp32_b1:.3f} ms at batch 1")
     return release.entry(
         "int8", f"{cfg.export.registered_model}-int8", "student_int8", tags,
         f"int8 (static QDQ) of kdpipe student {models.student.name} distilled from teacher {models.teacher.name} "
         f"with method {cfg.distill.method} on {cfg.data.dataset} (seed {models.seed}); fp32 version "
-        f"{fp32_version}.")
+        f"{fp32_version}; {speed}.")
 
 
 ORPHAN_TAG = "orphan"  # on a version whose export run never finished: why, and which run found it

@@ -64,14 +64,15 @@ class Exported:
 
 @dataclass(frozen=True)
 class OnnxResult:
-    """One ONNX model measured under onnxruntime: file, size, speed, test accuracy, and its checks."""
+    """One ONNX model measured under onnxruntime: file, size, speed, test and validation accuracy, its checks."""
 
     path: Path | None  # None for scratch: its file goes with the staging folder
     size_bytes: int
     latency: Latency
-    accuracy: float | None = None  # None for scratch: the evaluate stage's PyTorch mean over seeds stands in
+    accuracy: float | None = None  # test; None for scratch: the evaluate stage's PyTorch mean over seeds stands in
     parity: dict | None = None  # None where nothing was compared with PyTorch (int8, scratch)
     params_hash: str | None = None
+    val_accuracy: float | None = None  # what the registry gate decides on (kdpipe/ship/gate.py)
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,16 @@ class Shipment:
     def int8_drop(self) -> float | None:
         """Test accuracy (a fraction) lost by int8 against the fp32 student; None with int8 off."""
         return None if self.int8 is None else self.student.accuracy - self.int8.accuracy
+
+    @property
+    def int8_val_drop(self) -> float | None:
+        """Validation accuracy lost by int8: what decides whether it is registered (the test split never does)."""
+        return None if self.int8 is None else self.student.val_accuracy - self.int8.val_accuracy
+
+    @property
+    def int8_slower(self) -> bool | None:
+        """int8 slower than the fp32 student at batch 1 (one request); None with int8 off."""
+        return None if self.int8 is None else self.int8.latency.b1 > self.student.latency.b1
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -188,7 +199,8 @@ def measure(cfg: Config, prepared: dict, models: Models, exported: dict[str, Exp
     shape = tuple(prepared["image_shape"])
     scratch = export_onnx(models.scratch, folder / "scratch.onnx", shape, opset=cfg.export.opset,
                           metadata={"role": "scratch"})
-    scratch_result = OnnxResult(None, scratch.stat().st_size, latency(scratch, shape, cfg.export))
+    scratch_result = OnnxResult(None, scratch.stat().st_size, latency(scratch, shape, cfg.export),
+                                val_accuracy=val_accuracy(scratch, prepared))  # the gate's baseline
     int8 = None
     if cfg.export.int8:
         calibration = calibration_images(prepared["train_x"], cfg.export.calibration_images, cfg.seed)
@@ -201,12 +213,19 @@ def measure(cfg: Config, prepared: dict, models: Models, exported: dict[str, Exp
 
 
 def measured(path: Path, prepared: dict, opts: ExportConfig, **checks) -> OnnxResult:
-    """onnxruntime test accuracy, latency and file size of one ONNX file."""
+    """onnxruntime test and validation accuracy, latency and file size of one ONNX file."""
     from kdpipe.ship.onnx_export import onnx_accuracy
 
     accuracy = onnx_accuracy(path, prepared["test_x"], prepared["test_y"])
     return OnnxResult(path, path.stat().st_size, latency(path, tuple(prepared["image_shape"]), opts), accuracy,
-                      **checks)
+                      val_accuracy=val_accuracy(path, prepared), **checks)
+
+
+def val_accuracy(path: Path, prepared: dict) -> float:
+    """onnxruntime accuracy on the validation split: every model the gate compares is scored the same way."""
+    from kdpipe.ship.onnx_export import onnx_accuracy
+
+    return onnx_accuracy(path, prepared["val_x"], prepared["val_y"])
 
 
 def latency(path: Path, shape: tuple[int, int, int], opts: ExportConfig) -> Latency:

@@ -20,6 +20,7 @@ OUTPUTS = ("models", "metrics", "plots")  # the paths.* folders it writes, check
 
 
 def run(cfg: Config) -> dict:
+    from kdpipe import tracking
     from kdpipe.files import file_md5  # the same content hash `kdpipe verify` checks outputs with
     from kdpipe.run import stage
     from kdpipe.train import students
@@ -37,12 +38,14 @@ def run(cfg: Config) -> dict:
     tags = {"method": cfg.distill.method, "weights": json.dumps(distiller.weights), "teacher_model": cfg.teacher.model,
             "teacher_outputs": distiller.teacher_outputs,
             "curriculum": cfg.curriculum.ordering if cfg.curriculum.enabled else "off"}
-    return students.student_stage(
+    metrics = students.student_stage(
         STAGE, ctx, params=params, tags=tags,
         objective_for=lambda student, seed: distiller.objective(student, seed, ctx.splits),
         extra_metrics={"method": cfg.distill.method, "weights": distiller.weights,
                        "teacher_outputs": distiller.teacher_outputs, **views},
         resume_key=(file_md5(ctx.paths.teacher),))  # another teacher: another run, not a resumable one
+    tracking.record_checkpoints([ctx.paths.student(STAGE, seed) for seed in cfg.student.seeds])  # lineage
+    return metrics
 
 
 def save_views(path: Path, views, digest: str, cfg: Config) -> None:

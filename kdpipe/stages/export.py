@@ -5,8 +5,10 @@ validation accuracy; the test split never chooses). Both models are exported (se
 float32 [0, 1] NCHW input, provenance in the metadata) into a staging folder and compared with PyTorch on the
 whole test split; if either fails parity the stage fails (exit 1, one line) with nothing moved into place and
 nothing registered, and its MLflow run is marked FAILED. Then: onnxruntime CPU latency at batch 1 and 64, the
-scratch student's latency (for the trade-off plot), static int8, and, with export.registry, a registry version
-of each model under the candidate/champion rule of kdpipe/ship/gate.py.
+scratch student's latency and validation accuracy (the trade-off plot; the gate's baseline), static int8, and,
+with export.registry, a registry version of each model under the candidate/champion rule of kdpipe/ship/gate.py
+(validation accuracy decides; export.promote: auto moves champion only outside a `dvc exp run`). The run is
+tagged with the teacher, scratch and distill runs whose checkpoints it shipped (`teacher_run`, ...).
 
 Outputs: models/student.onnx, models/teacher.onnx, models/int8/student.int8.onnx (with export.int8),
 metrics/export.json, reports/export/ (report.md, tradeoff.png). Registry versions are a side effect DVC cannot see.
@@ -53,9 +55,10 @@ def run(cfg: Config) -> dict:
             shipping.require_parity(exported, cfg.export)
             measured = shipping.measure(cfg, ctx.prepared, models, exported, ctx.paths, folder)
             shipment = shipping.place(measured, ctx.paths)
+        lineage = shipped_from(ctx, models, run)  # run ids: MLflow tags, not DVC metrics (they differ every run)
         metrics = export_metrics(ctx, models, evaluated["shipped"], shipment)
         if cfg.export.registry:
-            metrics = with_registry(metrics, register(ctx, models, shipment, metrics, git))
+            metrics = with_registry(metrics, register(ctx, models, shipment, metrics, git, lineage))
         write_json(ctx.paths.metrics(STAGE), metrics)
         report = write_report(ctx, metrics, shipment, evaluated)
         log_outputs(run, metrics, report, ctx.paths.metrics(STAGE))
@@ -93,20 +96,41 @@ def read_evaluated(ctx: StageContext) -> dict:
     return evaluated
 
 
-def register(ctx: StageContext, models: Models, shipment: Shipment, metrics: dict, git: dict) -> dict:
-    """Registry versions of the shipped files (int8 only within export.int8_max_accuracy_drop)."""
+def shipped_from(ctx: StageContext, models: Models, run) -> dict[str, str]:
+    """The lineage, also the export run's tags: the teacher, scratch and distill runs that wrote the checkpoints
+    shipped (found by their md5: tracking.source_runs), this run, and the sha256 of the dvc.lock it started from
+    (the upstream stages' entries; export's own is written after it; "none" outside a DVC workspace)."""
+    import hashlib
+
+    from kdpipe import tracking
+
+    files = {"teacher": ctx.paths.teacher, "scratch": ctx.paths.student("scratch", models.seed),
+             "distill": ctx.paths.student("distill", models.seed)}
+    lock = Path("dvc.lock")
+    lineage = {f"{stage}_run": run_id for stage, run_id in tracking.source_runs(ctx.cfg, files).items()}
+    lineage |= {"export_run": run.run_id,
+                "dvc_lock_sha256": hashlib.sha256(lock.read_bytes()).hexdigest() if lock.is_file() else "none"}
+    run.set_tags(lineage)
+    return lineage
+
+
+def register(ctx: StageContext, models: Models, shipment: Shipment, metrics: dict, git: dict,
+             lineage: dict[str, str]) -> dict:
+    """Registry versions of the shipped files (int8 only within export.int8_max_accuracy_drop on validation),
+    gated on validation accuracy against the validation split's chance level, promoted as export.promote says."""
     from kdpipe.metrics import chance_accuracy
+    from kdpipe.ship.gate import promotion
     from kdpipe.ship.registrations import Release
     from kdpipe.ship.registrations import register as register_versions
 
     release = Release(ctx.cfg, ctx.digest, git["git_commit"], models, shipment,
-                      chance_accuracy(ctx.prepared["test_y"]))
+                      chance_accuracy(ctx.prepared["val_y"]), promotion(ctx.cfg.export.promote), lineage)
     return register_versions(release, ctx.prepared["test_x"], ctx.paths.teacher, int8=metrics["int8_registrable"])
 
 
 def export_metrics(ctx: StageContext, models: Models, shipped: dict, shipment: Shipment) -> dict:
     """metrics/export.json without the registry fields (added once registration ran)."""
-    cfg, drop = ctx.cfg, shipment.int8_drop
+    cfg, drop, val_drop = ctx.cfg, shipment.int8_drop, shipment.int8_val_drop
     teacher, student, scratch, int8 = shipment.teacher, shipment.student, shipment.scratch, shipment.int8
     return {
         "student_seed": models.seed, "seed_choice": shipped, "student_model": models.student.name,
@@ -124,7 +148,9 @@ def export_metrics(ctx: StageContext, models: Models, shipped: dict, shipment: S
         "latency_ratio_b64": student.latency.b64 / teacher.latency.b64,
         "int8_accuracy": int8 and int8.accuracy, "int8_accuracy_drop": drop,
         "int8_latency_ms_b1": int8 and int8.latency.b1, "int8_latency_ms_b64": int8 and int8.latency.b64,
-        "int8_registrable": drop is not None and drop <= cfg.export.int8_max_accuracy_drop,
+        "int8_val_accuracy_drop": val_drop, "int8_slower_than_fp32": shipment.int8_slower,
+        "int8_registrable": val_drop is not None and val_drop <= cfg.export.int8_max_accuracy_drop,
+        "student_onnx_val_accuracy": student.val_accuracy, "scratch_onnx_val_accuracy": scratch.val_accuracy,
         "onnx_bytes": {"scratch": scratch.size_bytes,
                        **{role: result.size_bytes for role, result in shipment.shipped().items()}},
         "latency_threads": cfg.export.latency_threads,

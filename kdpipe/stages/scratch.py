@@ -13,12 +13,16 @@ OUTPUTS = ("models", "metrics", "plots")  # the paths.* folders it writes, check
 
 
 def run(cfg: Config) -> dict:
+    from kdpipe import tracking
     from kdpipe.run import stage
     from kdpipe.train import students
 
+    ctx = stage.start(cfg, OUTPUTS)
     params = {"seed": cfg.seed, "data": cfg.data.model_dump(mode="json"), "runtime": cfg.runtime.model_dump(mode="json"),
               "student": cfg.student.model_dump(mode="json")}
-    return students.student_stage(STAGE, stage.start(cfg, OUTPUTS), params=params, tags={"method": "ce"})
+    metrics = students.student_stage(STAGE, ctx, params=params, tags={"method": "ce"})
+    tracking.record_checkpoints([ctx.paths.student(STAGE, seed) for seed in cfg.student.seeds])  # lineage
+    return metrics
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -257,6 +257,7 @@ def run(cfg: Config) -> dict:
                                                   "train_seconds", "num_parameters")})
         run.log_artifact(ctx.paths.curves(STAGE))
         run.log_artifact(ctx.paths.metrics(STAGE))
+    tracking.record_checkpoints([ctx.paths.teacher])  # lineage: export names this run by the file's md5
     print(f"teacher: {model.name} val_acc {metrics['val_accuracy']:.4f} test_acc {metrics['test_accuracy']:.4f} "
           f"({result.epochs_run} epochs, {metrics['train_seconds']:.0f}s)", file=sys.stderr)
     return metrics
