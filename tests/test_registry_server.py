@@ -55,19 +55,22 @@ def populate(store: Path, folder: Path) -> None:
             registrations.register_onnx(entry, example)
 
 
-def wait_healthy(base: str, server: subprocess.Popen) -> None:
-    deadline = time.monotonic() + HEALTH_TIMEOUT_S
+def wait_healthy(base: str, server: subprocess.Popen, *, route: str = "/health", timeout_s: float = HEALTH_TIMEOUT_S,
+                 what: str = "mlflow server") -> None:
+    """Until `base + route` answers 200; a test failure naming `what` when the server exits or times out."""
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if server.poll() is not None:
-            pytest.fail(f"mlflow server exited with {server.returncode}")
+            stderr = server.stderr.read()[-2000:] if server.stderr else ""
+            pytest.fail(f"{what} exited with {server.returncode}: {stderr}")
         try:
-            with urllib.request.urlopen(f"{base}/health", timeout=2) as response:
+            with urllib.request.urlopen(f"{base}{route}", timeout=2) as response:
                 if response.status == 200:
                     return
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             pass
         time.sleep(0.5)
-    pytest.fail(f"mlflow server not healthy after {HEALTH_TIMEOUT_S} s")
+    pytest.fail(f"{what} not answering {route} after {timeout_s} s")
 
 
 def stop(server: subprocess.Popen) -> None:

@@ -7,45 +7,21 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 
 import numpy as np
 import onnxruntime
-import pytest
 from conftest import subprocess_env
+from test_registry_server import free_port, wait_healthy
 
 from kdpipe.data.prepared import load_prepared
 from kdpipe.ship import registry
 
 STUDENT = "kdpipe-student"
 START_TIMEOUT_S = 120  # ~10 s on an idle 2-core machine
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_ready(base: str, server: subprocess.Popen) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            pytest.fail(f"mlflow models serve exited with {server.returncode}: {server.stderr.read()[-2000:]}")
-        try:
-            with urllib.request.urlopen(f"{base}/ping", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(0.5)
-    pytest.fail(f"mlflow models serve not answering /ping after {START_TIMEOUT_S} s")
 
 
 def invoke(base: str, images: np.ndarray) -> np.ndarray:
@@ -70,7 +46,8 @@ def test_the_served_champion_answers_with_onnxruntimes_logits(tiny_pipeline, tmp
         cwd=tiny_pipeline.work, env=subprocess_env(MLFLOW_TRACKING_URI=uri), stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE, text=True, start_new_session=True)  # its own group: uvicorn is a child
     try:
-        wait_ready(f"http://127.0.0.1:{port}", server)
+        wait_healthy(f"http://127.0.0.1:{port}", server, route="/ping", timeout_s=START_TIMEOUT_S,
+                     what="mlflow models serve")
         served = invoke(f"http://127.0.0.1:{port}", images)
     finally:
         if server.poll() is None:
