@@ -100,3 +100,19 @@ def test_exp_run_with_override_shows_in_exp_show(dvc_repo, temperature_experimen
     section, name = key.split(".")
     assert data["params"]["params.yaml"]["data"][section][name] == float(value)
     assert 0 <= data["metrics"]["metrics/distill.json"]["data"]["test_accuracy"] <= 1
+
+
+def test_a_dvc_exp_run_registers_a_candidate_and_leaves_champion_where_it_was(dvc_repo, temperature_experiment):
+    """The experiment reran export (a new temperature): a new version takes `candidate`, and `champion` stays on
+    the baseline's version, because DVC runs the stages of a `dvc exp run` with DVC_EXP_NAME set (export.promote:
+    auto); the new version's promotion_reason says so."""
+    uri = f"sqlite:///{dvc_repo.root / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri, registry_uri=uri)
+    versions = sorted(int(v.version) for v in client.search_model_versions("name = 'kdpipe-student'"))
+    assert len(versions) >= 2, versions  # the baseline's export and the experiment's
+    aliases = client.get_registered_model("kdpipe-student").aliases  # alias -> version
+    assert int(aliases["candidate"]) == versions[-1]
+    assert int(aliases.get("champion", 0)) < versions[-1], aliases  # older (or none: a 1-epoch baseline may fail
+    # the floor, whose reason tag then says so); never the experiment's
+    reason = client.get_model_version("kdpipe-student", str(versions[-1])).tags["promotion_reason"]
+    assert f"DVC_EXP_NAME={temperature_experiment.name}" in reason, reason
