@@ -9,7 +9,6 @@ preprocessing), so the card says what the served file really expects. mlflow thr
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kdpipe.paths import Paths
@@ -24,18 +23,12 @@ CURL = ("curl -s http://127.0.0.1:5001/invocations -H 'Content-Type: application
 REPORT = "evaluate.md"  # the evaluate stage's report, in paths.reports/evaluate/ (kdpipe/stages/evaluate.py)
 
 
-def onnx_metadata(path: Path) -> dict[str, str]:
-    """The custom metadata of one ONNX file, read without loading its weights into a session."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    return {prop.key: prop.value for prop in model.metadata_props}
-
-
 def card(release: Release, role: str, name: str) -> tuple[str, dict[str, str]]:
     """(description, tags) of registered model `name`, which holds the `role` files of every export."""
+    from kdpipe.ship.onnx_export import read_metadata
+
     cfg, models = release.cfg, release.models
-    meta = onnx_metadata(release.shipment.shipped()[role].path)
+    meta = read_metadata(release.shipment.shipped()[role].path)
     classes = json.loads(meta.get("classes", "[]"))
     what = {"teacher": f"the teacher ({models.teacher.name}) that kdpipe distils from",
             "student": f"a {models.student.name} student distilled from teacher {models.teacher.name} "
