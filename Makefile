@@ -9,7 +9,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: venv run test test-fast ui lint bench-quality bench-curriculum bench-views bench-methods bench-recipes bench-streaming bench-distributed bench-speed
+.PHONY: venv run test test-fast ui serve lint bench-quality bench-curriculum bench-views bench-methods bench-recipes bench-streaming bench-distributed bench-speed
 
 venv:
 	@want=$$(sha256sum pyproject.toml | cut -d' ' -f1); \
@@ -52,13 +52,23 @@ test: venv
 test-fast: venv
 	@$(PROFILE_ENV) python -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup -m "not slow"
 
+# `kdpipe store` first: a checkout moved or copied since its runs were logged gets its artifact paths pointed here.
 ui: venv
+	MLFLOW_TRACKING_URI=sqlite:///$(CURDIR)/mlflow.db kdpipe store
 	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
+
+# The champion student behind MLflow's REST scoring server (POST /invocations; docs/shipping.md), loopback only.
+SERVE_PORT ?= 5001
+serve: venv
+	MLFLOW_TRACKING_URI=sqlite:///$(CURDIR)/mlflow.db kdpipe store
+	MLFLOW_TRACKING_URI=sqlite:///$(CURDIR)/mlflow.db mlflow models serve -m models:/kdpipe-student@champion \
+	  --env-manager local --host 127.0.0.1 --port $(SERVE_PORT)
 
 # The repo's store as a tracking server (artifacts served through it), on loopback only: reach it from elsewhere
 # through an SSH tunnel or a proxy that authenticates. Then: export MLFLOW_TRACKING_URI=http://127.0.0.1:5000
 .PHONY: mlflow-server
 mlflow-server: venv
+	MLFLOW_TRACKING_URI=sqlite:///$(CURDIR)/mlflow.db kdpipe store
 	mlflow server --host 127.0.0.1 --port 5000 --workers 1 \
 	  --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --serve-artifacts --artifacts-destination $(CURDIR)/mlartifacts
 

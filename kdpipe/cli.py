@@ -1,4 +1,4 @@
-"""`kdpipe` command line: check-params, list, predict, verify."""
+"""`kdpipe` command line: check-params, list, predict, verify, store, exps."""
 
 from __future__ import annotations
 
@@ -47,6 +47,28 @@ def list_losses() -> int:
     return 0
 
 
+def store(tracking_uri: str | None) -> int:
+    """Name the MLflow store this checkout uses and, when its sqlite file was moved or copied here from another
+    folder, point its artifact locations here (store.follow_move): what `make ui` and `make serve` run first."""
+    from kdpipe.config import TrackingConfig
+    from kdpipe.errors import UserError
+    from kdpipe.store import check_sqlite, sqlite_path
+    from kdpipe.store import tracking_uri as default_uri
+    from kdpipe.store_moves import follow_move
+
+    uri = tracking_uri or default_uri(TrackingConfig())
+    path = sqlite_path(uri)
+    try:
+        if path is not None:
+            check_sqlite(path)
+            follow_move(path)
+    except UserError as e:
+        print(f"kdpipe store: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    print(uri if path is None or path.is_file() else f"{uri} (not made yet: the first stage run makes it)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kdpipe", description="Knowledge-distillation pipeline tools.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -67,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("repo", nargs="?", default=".", help="the checkout holding dvc.lock (default .)")
     ver.add_argument("--lock-only", action="store_true",
                      help="only check that dvc.lock is readable (no hashing; `make run` does this before dvc repro)")
+    st = sub.add_parser("store", help="the MLflow store in use; a moved or copied checkout's store follows it")
+    st.add_argument("--tracking-uri", default=None, help="default: MLFLOW_TRACKING_URI, else ./mlflow.db")
+    exps = sub.add_parser("exps", help="DVC experiments in 80 columns: test accuracies, gap recovered, changed params")
+    exps.add_argument("repo", nargs="?", default=".", help="the DVC repo (default .)")
     return parser
 
 
@@ -91,6 +117,12 @@ def run(args: argparse.Namespace) -> int:
         from kdpipe import predict
 
         return predict.main(args)
+    if args.command == "exps":
+        from kdpipe import experiments
+
+        return experiments.main(args.repo)
+    if args.command == "store":
+        return store(args.tracking_uri)
     if args.command == "verify":
         from kdpipe import verify
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from kdpipe.config import TrackingConfig
 from kdpipe.errors import UserError
+from kdpipe.store_moves import follow_move, sqlite_path
 
 DB_FILE = "mlflow.db"
 
@@ -158,14 +159,6 @@ LOCK_SUFFIX = ".lock"  # mlflow.db -> mlflow.db.lock
 _READY: set[str] = set()  # stores this process has already prepared
 
 
-def sqlite_path(uri: str) -> Path | None:
-    """The database file of a `sqlite:///` URI (relative to the cwd unless absolute); None for other stores."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    path = uri.removeprefix("sqlite:///").split("?")[0]
-    return Path(path) if path and path != ":memory:" else None
-
-
 @contextmanager
 def store_lock(uri: str) -> Iterator[None]:
     """Hold an exclusive lock on `<database>.lock` beside a sqlite store, across processes (fcntl.flock: let go
@@ -191,6 +184,7 @@ def prepare_store(uri: str) -> None:
     check_sqlite(sqlite_path(uri))  # before the lock file is made: a damaged store writes nothing
     mlflow = import_mlflow()
     with store_lock(uri):
+        follow_move(sqlite_path(uri))
         try:
             retry_locked(lambda: mlflow.MlflowClient(uri).search_experiments(max_results=1))
         except Exception as e:  # damage the header check cannot see (SQLAlchemy wraps sqlite3's error)

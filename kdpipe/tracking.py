@@ -20,6 +20,7 @@ from kdpipe.config import Config
 from kdpipe.env import is_main
 from kdpipe.errors import Interrupted
 from kdpipe.store import ARTIFACT_DIR, _set_uri, check_artifact_folder, import_mlflow, tracking_uri
+from kdpipe.store_moves import store_dir_tag
 
 PARENT_RUN_ENV = "KDPIPE_PARENT_RUN_ID"
 
@@ -69,12 +70,12 @@ def _experiment_id(mlflow, name: str, root: Path) -> str:
 
             check_artifact_folder(Path(unquote(urlparse(exp.artifact_location).path)))
         return exp.experiment_id
-    location = None
-    if mlflow.get_tracking_uri().startswith("sqlite:"):
+    location, tags = None, store_dir_tag(mlflow.get_tracking_uri())  # how a moved store finds its artifacts
+    if tags:  # a sqlite store: we own it, and its artifact folder
         location = (root / ARTIFACT_DIR).resolve().as_uri()
         check_artifact_folder(root / ARTIFACT_DIR)
     try:
-        return mlflow.create_experiment(name, artifact_location=location)
+        return mlflow.create_experiment(name, artifact_location=location, tags=tags)
     except mlflow.exceptions.MlflowException as e:  # another process created it since we looked
         if e.error_code != "RESOURCE_ALREADY_EXISTS":
             raise

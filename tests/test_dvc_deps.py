@@ -29,6 +29,8 @@ NOT_OUTPUT_CHANGING: dict[str, str] = {
     "an alias can move while no file changes.)",
     "kdpipe/store.py": "which MLflow store runs are logged to and how it is made ready (created once, locked, "
     "probed); like kdpipe/tracking.py, nothing it returns is written into a DVC output",
+    "kdpipe/store_moves.py": "points a moved store's artifact locations at its new folder (kdpipe/store.py makes "
+    "the store ready with it); where MLflow finds artifacts, never what a stage writes",
     "kdpipe/env.py": "which rank this process is, where a failing rank leaves its error (RANK_ERRORS_ENV: how a "
     "failure is reported, never a number), and defaults for telemetry, analytics and log-level environment variables of MLflow, "
     "Prefect and DVC: quiet or chatty, never different numbers",

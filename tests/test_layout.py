@@ -19,11 +19,12 @@ PACKAGE = ROOT / "kdpipe"
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("kdpipe.cli",),
     ("kdpipe.stages",),
-    ("kdpipe.predict", "kdpipe.verify"),
+    ("kdpipe.predict", "kdpipe.verify", "kdpipe.experiments"),
     ("kdpipe.train", "kdpipe.ship", "kdpipe.report"),
     ("kdpipe.run",),
     ("kdpipe.tracking", "kdpipe.paths"),
     ("kdpipe.store",),
+    ("kdpipe.store_moves",),
     ("kdpipe.config",),
     ("kdpipe.distill",),
     ("kdpipe.data", "kdpipe.models"),

@@ -51,13 +51,15 @@ def parse_uri(uri: str) -> tuple[str, str | None, str | None]:
 
 def require_store(tracking_uri: str) -> None:
     """RegistryError unless a sqlite store exists: MLflow would create an empty one (a new mlflow.db wherever
-    the URI points) and then report the model missing from it."""
+    the URI points) and then report the model missing from it. A store that moved is followed first."""
     from kdpipe.store import sqlite_path
+    from kdpipe.store_moves import follow_move
 
     path = sqlite_path(tracking_uri)
     if path is not None and not path.is_file():
         raise RegistryError(f"{tracking_uri}: no MLflow store at {path}; point the tracking URI at the store "
                             "that holds the registry")
+    follow_move(path)  # a moved checkout reads its own artifacts, not the old folder's
 
 
 def resolve(uri: str, tracking_uri: str):
