@@ -5,13 +5,14 @@ experiment with an override. Marked slow; CI still runs it. The repo is the sess
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
 import mlflow
 import pytest
 import yaml
-from conftest import dvc, dvc_stage_names, stages_run
+from conftest import dvc, dvc_stage_names, sh, stages_run
 
 pytestmark = pytest.mark.slow
 
@@ -82,6 +83,19 @@ def test_second_repro_is_up_to_date_and_fast(dvc_repo):
     assert seconds < 15, seconds
 
 
+def test_runs_of_a_repro_on_a_clean_checkout_are_not_dirty(dvc_repo):
+    """The first `dvc repro` ran on a clean commit ("init"): every stage's run says git_dirty false, although
+    the stages before it had already rewritten dvc.lock and their outputs (what the pipeline writes is no change
+    to the code that ran)."""
+    init = sh(["git", "rev-list", "--max-parents=0", "HEAD"], dvc_repo.root).stdout.strip()
+    uri = f"sqlite:///{dvc_repo.root / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("kdpipe").experiment_id],
+                              f"tags.git_commit = '{init}'")
+    assert {r.info.run_name for r in runs} == set(dvc_stage_names()), [r.info.run_name for r in runs]
+    assert {r.data.tags["git_dirty"] for r in runs} == {"false"}
+
+
 def test_metrics_and_plots_show(dvc_repo, tmp_path):
     shown = json.loads(dvc("metrics", "show", "--json", cwd=dvc_repo.root).stdout)
     assert "test_accuracy" in json.dumps(shown) and "gap_recovered" in json.dumps(shown)
@@ -116,3 +130,19 @@ def test_a_dvc_exp_run_registers_a_candidate_and_leaves_champion_where_it_was(dv
     # the floor, whose reason tag then says so); never the experiment's
     reason = client.get_model_version("kdpipe-student", str(versions[-1])).tags["promotion_reason"]
     assert f"DVC_EXP_NAME={temperature_experiment.name}" in reason, reason
+
+
+def test_kdpipe_exps_shows_the_experiment_in_80_columns(dvc_repo, temperature_experiment):
+    """`kdpipe exps`: the experiment under its commit with its changed param and its accuracies, every line at
+    most 80 characters (plain `dvc exp show` prints `…` here)."""
+    out = sh([str(Path(sys.executable).parent / "kdpipe"), "exps"], dvc_repo.root).stdout.splitlines()
+    assert max(len(line) for line in out) <= 80, "\n".join(out)
+    (line,) = [line for line in out if line.startswith(f"  {temperature_experiment.name}")]
+    key, value = temperature_experiment.override.split("=")
+    assert f"{key}={float(value)}" in line, line
+    cells = line.split()[1:5]  # teacher, scratch, distilled, gap
+    metrics = json.loads(dvc("exp", "show", "--json", cwd=dvc_repo.root).stdout)
+    tip = next(run for row in metrics for exp in (row.get("experiments") or []) for run in exp["revs"]
+               if run["name"] == temperature_experiment.name)
+    distilled = tip["data"]["metrics"]["metrics/evaluate.json"]["data"]["distilled"]["test_accuracy"]
+    assert cells[2] == f"{100 * distilled:.2f}", (cells, distilled)
