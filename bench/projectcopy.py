@@ -16,9 +16,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PROJECT_FILES = ("kdpipe", "flows", "dvc.yaml", "params.yaml", "prefect.yaml", "data/raw/README.md", ".dvc/config",
-                 ".dvc/offline_plots",
-                 ".dvcignore", ".gitignore")
+PROJECT_FILES = ("kdpipe", "flows", "dvc.yaml", "params.yaml", "prefect.yaml", "pyproject.toml", "data/raw/README.md",
+                 ".dvc/config", ".dvc/offline_plots", ".dvcignore", ".gitignore")
 
 
 def stage_params(root: Path, name: str, **sections: dict) -> Path:

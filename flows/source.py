@@ -77,6 +77,8 @@ def install(root: Path = Path(".")) -> list[str]:
 
     deps = tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]
     cmd = [sys.executable, "-m", "pip", "install", "-q", *deps]
+    print(f"flows.source install: {len(deps)} dependencies of {root / 'pyproject.toml'} into {sys.executable}",
+          flush=True)  # in the worker's log: the step ran, and into which Python
     subprocess.run(cmd, check=True)
     return cmd
 

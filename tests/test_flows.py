@@ -403,11 +403,20 @@ def _deploy(repo: Path, name: str, bare: tuple[str, str], env: dict[str, str]) -
     _sh([PREFECT, "--no-prompt", "deploy", "--name", name], repo, env=deploy_env, timeout=120)
 
 
-def _worker_env(tmp_path: Path, prefect_api: str, store: Path) -> dict[str, str]:
-    """A worker's environment: the test's API, polling every second, the shared MLflow store `store`, and no
-    install step (pip install -e would point this shared venv's kdpipe at a throwaway clone)."""
-    return _dvc.environment(PREFECT_API_URL=prefect_api, PREFECT_WORKER_QUERY_SECONDS="1", KDPIPE_INSTALL="0",
-                            PREFECT_HOME=str(tmp_path / "prefect-home"), MLFLOW_TRACKING_URI=f"sqlite:///{store}")
+def _worker_env(tmp_path: Path, prefect_api: str, store: Path, install: bool = False) -> dict[str, str]:
+    """A worker's environment: the test's API, polling every second, the shared MLflow store `store`; the pull
+    step's dependency install only with `install` (it finds them all there: ~3 s, once is enough)."""
+    return _dvc.environment(PREFECT_API_URL=prefect_api, PREFECT_WORKER_QUERY_SECONDS="1",
+                            KDPIPE_INSTALL="1" if install else "0", PREFECT_HOME=str(tmp_path / "prefect-home"),
+                            MLFLOW_TRACKING_URI=f"sqlite:///{store}")
+
+
+def _kdpipe_imported_from() -> Path:
+    """Where this venv's Python imports kdpipe from, asked of a fresh interpreter outside the repo."""
+    out = subprocess.run([sys.executable, "-c", "import kdpipe; print(kdpipe.__file__)"], cwd="/",
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return Path(out.stdout.strip()).resolve()
 
 
 def _start_worker(name: str, cwd: Path, env: dict[str, str]) -> subprocess.Popen:
@@ -449,7 +458,7 @@ def test_nightly_deployment_with_pull_steps_runs_on_a_worker_elsewhere(built, ba
     from prefect.deployments import run_deployment
 
     store = tmp_path / "shared-mlflow.db"
-    env = _worker_env(tmp_path, prefect_api, store)
+    env = _worker_env(tmp_path, prefect_api, store, install=True)  # the pull steps as shipped, install included
     _deploy(built, "nightly", bare, env)
 
     declared = yaml.safe_load((built / "prefect.yaml").read_text())["deployments"][0]
@@ -477,6 +486,10 @@ def test_nightly_deployment_with_pull_steps_runs_on_a_worker_elsewhere(built, ba
     workdir = Path(parent.data.tags["workdir"])
     assert workdir.name == f"kdpipe-{bare[1]}" and workdir != built, workdir  # git_clone's folder name
     assert parent.data.tags["prefect_worker"] == "nightly-worker"
+    # The worker ran in this checkout's venv: after its install step that venv still imports the checkout's
+    # kdpipe, not the run's throwaway clone (an editable install from the clone re-pointed it).
+    assert "flows.source install: " in (worker_dir / "worker.log").read_text(), _logs(worker_dir)  # it did run
+    assert _kdpipe_imported_from() == (REPO / "kdpipe" / "__init__.py").resolve()
 
 
 @pytest.mark.slow
