@@ -548,6 +548,13 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
+def with_profile(out: Path, profile: str, result: dict) -> dict:
+    """The results file `out` with this run as its `profiles[profile]` block: each CPU profile's run is kept
+    whole (both sides of every ratio measured under the same profile), the others' blocks as they were."""
+    kept = json.loads(out.read_text()).get("profiles", {}) if out.is_file() else {}
+    return {"profiles": {**kept, profile: result}}
+
+
 def main() -> int:
     args = parse_args()
     if args.side:
@@ -556,7 +563,7 @@ def main() -> int:
     result = benchmark(args)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out.write_text(json.dumps(with_profile(out, args.cpu_profile, result), indent=2) + "\n")
     print(table(result))
     print(f"wrote {out}", file=sys.stderr)
     return 1 if any("errors" in s for s in result["sides"].values()) else 0
