@@ -9,7 +9,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: venv run test test-fast ui serve lint bench-quality bench-curriculum bench-views bench-methods bench-recipes bench-streaming bench-distributed bench-speed
+.PHONY: venv run test test-fast ui serve lint bench-quality bench-curriculum bench-views bench-augment bench-methods bench-recipes bench-streaming bench-distributed bench-speed
 
 venv:
 	@want=$$(sha256sum pyproject.toml | cut -d' ' -f1); \
@@ -83,6 +83,12 @@ bench-curriculum: venv
 
 bench-views: venv
 	python bench/quality.py --views
+
+# Photo augmentation: batched resized_crop against torchvision per sample (augment.json), then the Fashion-MNIST
+# students with resized_crop against pad_crop (augment_quality.json; trains the quality teacher if missing).
+bench-augment: venv
+	python bench/augment.py
+	python bench/quality.py --augment
 
 bench-methods: venv
 	python bench/quality.py --methods
