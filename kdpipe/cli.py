@@ -61,7 +61,10 @@ def store(tracking_uri: str | None) -> int:
     try:
         if path is not None:
             check_sqlite(path)
-            follow_move(path)
+            moved, count = follow_move(path)
+            if moved:
+                print(f"kdpipe store: {path} was moved from {', '.join(map(str, moved))}: {count} artifact "
+                      f"locations now point under {path.resolve().parent}", file=sys.stderr)
     except UserError as e:
         print(f"kdpipe store: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR

@@ -2,14 +2,14 @@
 resolves relative ones against the cwd), so a copied or moved checkout would read, and write, the old folder's
 artifacts. kdpipe tags each experiment it creates with the folder its sqlite file was in (STORE_DIR_TAG); when
 that file is found in another folder, the locations under the old folder are rewritten to the new one
-(follow_move, run by store.prepare_store, registry reads and `kdpipe store`). No lock is needed: a rewrite
-changes only values that still start with the old folder, so two processes doing it at once do it once.
+(follow_move, run by store.prepare_store before a stage logs, and by `kdpipe store`). Readers that must not
+write (`kdpipe predict`) resolve a location at use instead (rebased). No lock is needed: a rewrite changes only
+values that still start with the old folder, so two processes doing it at once do it once.
 Plain sqlite3 on MLflow's schema (LOCATION_COLUMNS), no mlflow import: it runs before MLflow opens the file.
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 STORE_DIR_TAG = "kdpipe.store_dir"
@@ -33,26 +33,53 @@ def store_dir_tag(uri: str) -> dict[str, str]:
     return {} if db is None else {STORE_DIR_TAG: str(db.resolve().parent)}
 
 
-def follow_move(db: Path | None) -> int:
+def follow_move(db: Path | None) -> tuple[list[Path], int]:
     """Rewrite the artifact locations of a sqlite store `db` that was moved or copied from the folder its
-    experiments' STORE_DIR_TAG names to the folder it is in now; the number of locations rewritten. Untagged
-    experiments whose artifacts lie beside the file are tagged (stores made before the tag). Locations outside
-    the old folder (a store shared by checkouts, each with its own artifacts) are left as they are."""
+    experiments' STORE_DIR_TAG names to the folder it is in now: the old folders found, and the number of
+    locations rewritten. Untagged experiments whose artifacts lie beside the file are tagged (stores made
+    before the tag). Locations outside the old folder (a store shared by checkouts, each with its own
+    artifacts) are left as they are. Silent: stages keep their one-line errors; `kdpipe store` reports it."""
     import sqlite3
 
     if db is None or not db.is_file() or db.stat().st_size == 0:
-        return 0
-    here = db.resolve().parent
+        return [], 0
     try:
-        moved, count = _follow(db, here)
+        return _follow(db, db.resolve().parent)
     except sqlite3.OperationalError as e:
         if "readonly" not in str(e):
             raise
-        return 0  # a read-only store (a mounted copy) is read as it is
-    if moved:
-        print(f"kdpipe: MLflow store {db} moved from {', '.join(map(str, moved))}: {count} artifact locations "
-              f"now under {here}", file=sys.stderr)
-    return count
+        return [], 0  # a read-only store (a mounted copy) is read as it is; see rebased()
+
+
+def moved_from(db: Path | None) -> list[Path]:
+    """The folders the store `db` was moved or copied from and not yet followed (read only, nothing written)."""
+    import sqlite3
+    from contextlib import closing
+
+    if db is None or not db.is_file() or db.stat().st_size == 0:
+        return []
+    try:
+        with closing(sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True, timeout=20)) as conn:
+            rows = conn.execute("SELECT DISTINCT value FROM experiment_tags WHERE key = ? AND value != ?",
+                                (STORE_DIR_TAG, str(db.resolve().parent))).fetchall()
+    except sqlite3.OperationalError:  # not an MLflow store yet (no such table), or locked: nothing known
+        return []
+    return [Path(value) for (value,) in rows]
+
+
+def rebased(location: str, db: Path | None) -> str:
+    """An artifact `location` of the store `db` as it is now: under its folder when the store was moved from
+    the folder the location names. What readers (`kdpipe predict`) use, so that reading never writes."""
+    for old in moved_from(db):
+        for old_prefix, new_prefix in prefixes(old, db.resolve().parent):
+            if location.startswith(old_prefix):
+                return new_prefix + location[len(old_prefix):]
+    return location
+
+
+def prefixes(old: Path, new: Path) -> tuple[tuple[str, str], ...]:
+    """How a location under folder `old` starts, as a file: URI or a plain path, and what it becomes under `new`."""
+    return (old.as_uri() + "/", new.as_uri() + "/"), (f"{old}/", f"{new}/")
 
 
 def _follow(db: Path, here: Path) -> tuple[list[Path], int]:
@@ -89,7 +116,7 @@ def tag_untagged(conn, here: Path) -> None:
 def rebase_column(conn, table: str, column: str, old: Path, new: Path) -> int:
     """`table.column` values under folder `old` (as file: URIs or plain paths) moved under `new`; rows changed."""
     count = 0
-    for old_prefix, new_prefix in ((old.as_uri() + "/", new.as_uri() + "/"), (f"{old}/", f"{new}/")):
+    for old_prefix, new_prefix in prefixes(old, new):
         count += conn.execute(f"UPDATE {table} SET {column} = ? || substr({column}, ?) "  # noqa: S608 (names above)
                               f"WHERE substr({column}, 1, ?) = ?",
                               (new_prefix, len(old_prefix) + 1, len(old_prefix), old_prefix)).rowcount

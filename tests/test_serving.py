@@ -54,7 +54,7 @@ def test_a_moved_checkout_serves_its_own_champion_with_onnxruntimes_logits(tiny_
     done = subprocess.run([str(Path(sys.executable).parent / "kdpipe"), "store"], cwd=moved, env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == uri, done.stderr
-    assert f"moved from {original.resolve()}" in done.stderr, done.stderr
+    assert f"was moved from {original.resolve()}" in done.stderr, done.stderr
     after = stored_locations(moved / "mlflow.db")
     assert len(after) == len(before) and not any(str(original) in v for v in after), after
     assert all(v.startswith((moved.as_uri() + "/", f"{moved}/", "models:/")) for v in after), after

@@ -51,15 +51,13 @@ def parse_uri(uri: str) -> tuple[str, str | None, str | None]:
 
 def require_store(tracking_uri: str) -> None:
     """RegistryError unless a sqlite store exists: MLflow would create an empty one (a new mlflow.db wherever
-    the URI points) and then report the model missing from it. A store that moved is followed first."""
+    the URI points) and then report the model missing from it."""
     from kdpipe.store import sqlite_path
-    from kdpipe.store_moves import follow_move
 
     path = sqlite_path(tracking_uri)
     if path is not None and not path.is_file():
         raise RegistryError(f"{tracking_uri}: no MLflow store at {path}; point the tracking URI at the store "
                             "that holds the registry")
-    follow_move(path)  # a moved checkout reads its own artifacts, not the old folder's
 
 
 def resolve(uri: str, tracking_uri: str):
@@ -112,7 +110,11 @@ def download_onnx(uri: str, tracking_uri: str, dst: str | Path | None = None) ->
 def _download(uri: str, source: str, dst: str | Path, tracking_uri: str) -> Path:
     """The artifact `source` (a file, folder or runs:/ URI) downloaded into `dst`; RegistryError naming the
     registry `uri` it belongs to when it cannot be."""
+    from kdpipe.store import sqlite_path
+    from kdpipe.store_moves import rebased
+
     mlflow = mlflow_module()
+    source = rebased(source, sqlite_path(tracking_uri))  # a moved checkout's store: its own artifacts, nothing written
     try:
         return Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst),
                                                         tracking_uri=tracking_uri))
