@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from kdpipe.errors import EXIT_USER_ERROR, UserError
+from kdpipe.params_file import flatten
 
 WIDTH = 80
 # (column, metrics file, key path): test accuracies as evaluate reports them, in percent
@@ -44,23 +45,12 @@ def dvc_exp_show(repo: Path) -> list[dict]:
     return json.loads(done.stdout)
 
 
-def flat(tree: dict, prefix: str = "") -> dict[str, object]:
-    """{"a": {"b": 1}} → {"a.b": 1}."""
-    out: dict[str, object] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def params_of(state: dict) -> dict[str, object]:
     """Every param of an experiment state, file prefix dropped for params.yaml ("distill.temperature")."""
     out: dict[str, object] = {}
     for file, result in ((state.get("data") or {}).get("params") or {}).items():
         prefix = "" if file == "params.yaml" else f"{file}:"
-        out.update(flat((result or {}).get("data") or {}, prefix))
+        out.update(flatten((result or {}).get("data") or {}, prefix))
     return out
 
 

@@ -41,7 +41,7 @@ def follow_move(db: Path | None) -> tuple[list[Path], int]:
     artifacts) are left as they are. Silent: stages keep their one-line errors; `kdpipe store` reports it."""
     import sqlite3
 
-    if db is None or not db.is_file() or db.stat().st_size == 0:
+    if not made(db):
         return [], 0
     try:
         return _follow(db, db.resolve().parent)
@@ -56,14 +56,24 @@ def moved_from(db: Path | None) -> list[Path]:
     import sqlite3
     from contextlib import closing
 
-    if db is None or not db.is_file() or db.stat().st_size == 0:
+    if not made(db):
         return []
     try:
         with closing(sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True, timeout=20)) as conn:
-            rows = conn.execute("SELECT DISTINCT value FROM experiment_tags WHERE key = ? AND value != ?",
-                                (STORE_DIR_TAG, str(db.resolve().parent))).fetchall()
+            return old_folders(conn, db.resolve().parent)
     except sqlite3.OperationalError:  # not an MLflow store yet (no such table), or locked: nothing known
         return []
+
+
+def made(db: Path | None) -> bool:
+    """Is there a sqlite file at `db` with something in it (a missing or empty one is a store not made yet)?"""
+    return db is not None and db.is_file() and db.stat().st_size > 0
+
+
+def old_folders(conn, here: Path) -> list[Path]:
+    """The folders other than `here` that the store's experiments were tagged with (STORE_DIR_TAG)."""
+    rows = conn.execute("SELECT DISTINCT value FROM experiment_tags WHERE key = ? AND value != ?",
+                        (STORE_DIR_TAG, str(here))).fetchall()
     return [Path(value) for (value,) in rows]
 
 
@@ -92,8 +102,7 @@ def _follow(db: Path, here: Path) -> tuple[list[Path], int]:
         if not {"experiments", "experiment_tags"} <= tables:
             return [], 0  # not made yet: MLflow creates its tables after this
         tag_untagged(conn, here)
-        moved = [Path(row[0]) for row in conn.execute(
-            "SELECT DISTINCT value FROM experiment_tags WHERE key = ? AND value != ?", (STORE_DIR_TAG, str(here)))]
+        moved = old_folders(conn, here)
         count = 0
         for old in moved:
             for table, column in LOCATION_COLUMNS:
