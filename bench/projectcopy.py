@@ -20,6 +20,15 @@ PROJECT_FILES = ("kdpipe", "flows", "dvc.yaml", "params.yaml", "prefect.yaml", "
                  ".dvc/config", ".dvc/offline_plots", ".dvcignore", ".gitignore")
 
 
+def cpu_name() -> str:
+    """The CPU's model name as /proc/cpuinfo gives it (else what platform knows): what each result names."""
+    import platform
+
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")]
+    return names[0] if names else platform.processor() or platform.machine()
+
+
 def stage_params(root: Path, name: str, **sections: dict) -> Path:
     """The repo's params.yaml with each given section updated, every path and a sqlite MLflow store under `root`
     (system metrics off): written to root/<name>.yaml for `python -m kdpipe.stages.<stage> --params`."""

@@ -33,7 +33,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
-from projectcopy import copy_project, run_timed, shrink  # noqa: E402
+from projectcopy import copy_project, cpu_name, run_timed, shrink  # noqa: E402
 
 STAGES = ("prepare", "teacher", "scratch", "distill", "evaluate")
 PARAM = {"runtime": {"reproducible": True}}  # what turns the mode on; nothing else in params.yaml changes
@@ -100,9 +100,7 @@ def machine(env: dict[str, str], profile: str) -> dict:
     probe = {**env, **REPRODUCIBLE_ENV}
     capability, torch_version = subprocess.run([sys.executable, "-c", code], env=probe, capture_output=True,
                                                text=True, check=True).stdout.split()
-    names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-             if line.startswith("model name")] if Path("/proc/cpuinfo").is_file() else []
-    return {"cpu": names[0] if names else platform.processor(), "cpu_count": os.cpu_count(),
+    return {"cpu": cpu_name(), "cpu_count": os.cpu_count(),
             "cpu_profile": profile, "cpu_profile_env": profile_env(profile), "cpu_capability_pinned": capability,
             "threads": int(env["KDPIPE_THREADS"]), "torch": torch_version, "python": platform.python_version()}
 

@@ -457,13 +457,13 @@ def ratio(rounds: list[dict], ours: str, peer: str, min_share: float) -> dict | 
 
 def machine(rounds: list[dict], args) -> dict:
     """The CPU, its profile, threads and library versions, and what kdpipe's runtime chose (from the kdpipe runs)."""
+    from projectcopy import cpu_name
+
     from kdpipe.run.kernels import profile_env
 
-    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    names = [line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")]
     runs = [run for r in rounds for run in r["runs"].values() if "error" not in run]
     kdpipe_run = next((run for run in runs if run["side"].startswith("kdpipe")), {})
-    facts = {"cpu": names[0] if names else platform.processor() or platform.machine(),
+    facts = {"cpu": cpu_name(),
              "cpu_count": os.cpu_count(), "threads": args.threads, "python": platform.python_version(),
              "cpu_profile": args.cpu_profile, "cpu_profile_env": profile_env(args.cpu_profile),
              "cpu_capability": runs[0]["cpu_capability"] if runs else None,  # ATen's, in the sides' processes

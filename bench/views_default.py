@@ -26,7 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
-from projectcopy import copy_project, run_timed, shrink  # noqa: E402
+from projectcopy import copy_project, cpu_name, run_timed, shrink  # noqa: E402
 from reproducible import git_facts, stage_env  # noqa: E402
 
 PRECISIONS = ("bf16", "fp32")
@@ -79,15 +79,12 @@ def precision_result(precision: str, args, env: dict[str, str]) -> dict:
 
 def machine(env: dict[str, str], profile: str) -> dict:
     """The CPU, its profile and ATen's capability as a stage process sees it, threads, torch."""
-    import platform
     import subprocess
 
     code = "import torch; print(torch.backends.cpu.get_cpu_capability(), torch.__version__)"
     capability, torch_version = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                                                text=True, check=True).stdout.split()
-    names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-             if line.startswith("model name")]
-    return {"cpu": names[0] if names else platform.processor(), "cpu_profile": profile, "cpu_capability": capability,
+    return {"cpu": cpu_name(), "cpu_profile": profile, "cpu_capability": capability,
             "threads": int(env["KDPIPE_THREADS"]), "torch": torch_version}
 
 
