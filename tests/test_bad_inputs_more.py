@@ -35,6 +35,7 @@ from test_bad_inputs import (
 )
 
 from kdpipe import cli, tracking
+from kdpipe.metrics import CHANCE_MARGIN, at_chance, chance_accuracy
 from kdpipe.ship import gate, registrations
 from kdpipe.stages import prepare
 from kdpipe.train import guards
@@ -68,35 +69,51 @@ def outputs(root: Path) -> dict[str, str]:
 
 # teacher.lr 10 without weight decay, in fp32: the loss goes 3.17 → 4.19 → 2.41, never 100× its start (so the
 # divergence guard passes it), and the teacher predicts one class: val 0.1000 against a majority share of 0.1037.
+# Where a collapse lands depends on the CPU's kernels: on an AVX512-BF16 EPYC teacher and student both scored
+# 0.1000; under CPU_PROFILE=avx2 there the student scored 0.1074, as on an AVX2-only EPYC (issue 33). So the tests
+# read the line's figures with a regex and check the property: at most chance + CHANCE_MARGIN (val's majority share).
 COLLAPSE = {"lr": 10.0, "weight_decay": 0.0, "epochs": 3}
-NOT_LEARNED = {
-    "collapsed teacher": ("teacher", {f"teacher__{k}": v for k, v in COLLAPSE.items()}, "teacher: learned nothing at "
-                          "seed 0 in 3 epochs: best val accuracy 0.1000 is at chance (0.1037", "teacher.chance_guard"),
-    "collapsed student": ("scratch", {f"student__{k}": v for k, v in COLLAPSE.items()}, "scratch: learned nothing at "
-                          "seed 0 in 3 epochs: best val accuracy 0.1000 is at chance (0.1037", "student.chance_guard"),
-    "one batch of the whole split": ("distill", {"student__batch_size": 5000}, "distill: learned nothing at seed 0 in "
-                                     "2 epochs", "student.chance_guard"),
+AT_CHANCE = r"best val accuracy (?P<accuracy>[01]\.\d{4}) is at chance \((?P<chance>[01]\.\d{4}), "
+NOT_LEARNED = {  # name: (stage, overrides, the line's start as a regex, the chance_guard key)
+    "collapsed teacher": ("teacher", {f"teacher__{k}": v for k, v in COLLAPSE.items()},
+                          r"teacher: learned nothing at seed 0 in 3 epochs: " + AT_CHANCE, "teacher.chance_guard"),
+    "collapsed student": ("scratch", {f"student__{k}": v for k, v in COLLAPSE.items()},
+                          r"scratch: learned nothing at seed 0 in 3 epochs: " + AT_CHANCE, "student.chance_guard"),
+    "one batch of the whole split": ("distill", {"student__batch_size": 5000}, r"distill: learned nothing at seed 0 "
+                                     r"in 2 epochs: ", "student.chance_guard"),
 }
+
+
+def val_chance(ws) -> float:
+    """The workspace's chance level: val's majority share (a property of the split, the same on every CPU)."""
+    return chance_accuracy(torch.load(ws.root / "data/prepared/dataset.pt", weights_only=True)["val_y"])
 
 
 @pytest.mark.parametrize("case", NOT_LEARNED)
 def test_a_run_that_learned_nothing_fails_in_one_line_and_replaces_nothing(ws, capfd, case):
     """Issue 21's measured cases (teacher.lr 10 collapsed quietly on an AVX2 CPU and overwrote models/teacher.pt;
     batch_size 5000, one step an epoch, scored 10 %): exit 2, one line with the figures, the MLflow run FAILED,
-    models/ and metrics/ byte for byte."""
-    stage, overrides, words, key = NOT_LEARNED[case]
+    models/ and metrics/ byte for byte. A figure the line names is at chance, whatever the CPU made of the run."""
+    stage, overrides, pattern, key = NOT_LEARNED[case]
     with unchanged(ws.root):  # the store records the FAILED run; the resume state goes outside the workspace
         code, err = ws.run(stage, capfd, runtime__precision="fp32", paths__resume=str(ws.tmp / "resume"), **overrides)
-    assert_one_line_error(code, without_progress(err), words, f"set {key}: false")
+    line = assert_one_line_error(code, without_progress(err), f"set {key}: false")
+    match = re.search(rf"^kdpipe {stage}: error: {pattern}", line)
+    assert match, f"{pattern!r} not in: {line}"
+    if "accuracy" in match.groupdict():
+        assert float(match["chance"]) == pytest.approx(val_chance(ws), abs=5e-5), line  # printed to 4 places
+        assert float(match["accuracy"]) <= float(match["chance"]) + CHANCE_MARGIN, line
     assert [r.info.status for r in stage_runs(ws, stage)] == ["FAILED"]
 
 
 def test_with_the_chance_guard_off_the_collapsed_teacher_is_kept(ws, capfd):
-    """Control: the same collapse with teacher.chance_guard: false is written, as the user asked."""
+    """Control: the same collapse with teacher.chance_guard: false is written, as the user asked (and it is the
+    collapse: at chance, by the guard's own rule, whichever figure this CPU's kernels gave it)."""
     overrides = {f"teacher__{k}": v for k, v in COLLAPSE.items()}
     code, err = ws.run("teacher", capfd, runtime__precision="fp32", teacher__chance_guard=False, **overrides)
     assert code == 0, err
-    assert json.loads((ws.root / "metrics/teacher.json").read_text())["val_accuracy"] == pytest.approx(0.1)
+    written = json.loads((ws.root / "metrics/teacher.json").read_text())["val_accuracy"]
+    assert at_chance(written, val_chance(ws)), (written, val_chance(ws))
 
 
 def test_a_loss_that_never_falls_below_its_start_is_refused():
