@@ -34,7 +34,7 @@ run: venv
 	{ dvc --wait-for-lock repro 2>&1 1>&3 | tee "$$err" >&2; } 3>&1; rc=$$?; \
 	if [ $$rc -ne 0 ] && grep -qE "Unable to acquire lock|is busy, it is being blocked by" "$$err"; then \
 	  echo "kdpipe: another dvc command is running in this checkout (.dvc/tmp/lock); wait for it or stop it" >&2; \
-	fi; rm -f "$$err"; exit $$rc
+	fi; rm -f "$$err"; [ $$rc -ne 0 ] || kdpipe outcome; exit $$rc
 
 # CPU_PROFILE=avx2 (test, test-fast, bench-speed): torch's CPU kernels capped at AVX2, as on an x86-64 CPU without
 # AVX-512 (and so without native bf16: precision auto is fp32 there). The variables: kdpipe/run/kernels.py PROFILES.
@@ -58,10 +58,14 @@ ui: venv
 	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
 
 # The champion student behind MLflow's REST scoring server (POST /invocations; docs/shipping.md), loopback only.
+# ALIAS=candidate serves the latest export when the gate crowned none; `kdpipe resolve` says in one line why
+# there is no version with the alias (MLflow's own answer is a traceback).
 SERVE_PORT ?= 5001
+ALIAS ?= champion
 serve: venv
 	MLFLOW_TRACKING_URI=sqlite:///$(CURDIR)/mlflow.db kdpipe store
-	MLFLOW_TRACKING_URI=sqlite:///$(CURDIR)/mlflow.db mlflow models serve -m models:/kdpipe-student@champion \
+	@MLFLOW_TRACKING_URI=sqlite:///$(CURDIR)/mlflow.db kdpipe resolve models:/kdpipe-student@$(ALIAS)
+	MLFLOW_TRACKING_URI=sqlite:///$(CURDIR)/mlflow.db mlflow models serve -m models:/kdpipe-student@$(ALIAS) \
 	  --env-manager local --host 127.0.0.1 --port $(SERVE_PORT)
 
 # The repo's store as a tracking server (artifacts served through it), on loopback only: reach it from elsewhere

@@ -1,4 +1,4 @@
-"""`kdpipe` command line: check-params, list, predict, verify, store, exps."""
+"""`kdpipe` command line: check-params, list, predict, verify, store, resolve, outcome, exps."""
 
 from __future__ import annotations
 
@@ -72,6 +72,55 @@ def store(tracking_uri: str | None) -> int:
     return 0
 
 
+def resolve(uri: str, tracking_uri: str | None) -> int:
+    """Print the version a models:/ URI names, or one line saying why none does (exit 2): what `make serve` asks
+    before it starts MLflow's server, whose own error is a 30-line traceback."""
+    from kdpipe.predict import default_tracking_uri
+    from kdpipe.ship.registry import RegistryError
+    from kdpipe.ship.registry import resolve as resolve_uri
+
+    try:
+        version = resolve_uri(uri, tracking_uri or default_tracking_uri())
+    except RegistryError as e:
+        print(f"kdpipe resolve: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    print(f"{uri}: {version.name} v{version.version}")
+    return 0
+
+
+def outcome(params: str | None) -> int:
+    """What the last export did with the champion alias, in one line from metrics/export.json: the end of
+    `make run`, so a user knows whether `make serve` has a champion to serve and, if not, why and what instead."""
+    import json
+
+    from kdpipe.config import DEFAULT_PARAMS, ConfigError, load
+    from kdpipe.paths import Paths
+
+    try:
+        cfg = load(params or DEFAULT_PARAMS)
+    except ConfigError as e:
+        print(f"kdpipe outcome: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    path = Paths(cfg.paths).metrics("export")
+    if not path.is_file():
+        print(f"kdpipe outcome: {path} not found: the export stage has not run", file=sys.stderr)
+        return EXIT_USER_ERROR
+    print(outcome_line(json.loads(path.read_text()), cfg.export.registered_model))
+    return 0
+
+
+def outcome_line(metrics: dict, name: str) -> str:
+    """The champion sentence of an export.json dict (see `outcome`)."""
+    student = (metrics.get("registry") or {}).get("student")
+    if student is None:
+        return "export: nothing registered (export.registry: false); the ONNX files are under models/"
+    version, reason = student["version"], student["reason"]
+    if student["champion"]:
+        return f"export: {name} v{version} crowned champion ({reason}); make serve serves it"
+    return (f"export: no new champion: {name} v{version} is the candidate ({reason}); serve it with "
+            f"make serve ALIAS=candidate")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kdpipe", description="Knowledge-distillation pipeline tools.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -94,6 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="only check that dvc.lock is readable (no hashing; `make run` does this before dvc repro)")
     st = sub.add_parser("store", help="the MLflow store in use; a moved or copied checkout's store follows it")
     st.add_argument("--tracking-uri", default=None, help="default: MLFLOW_TRACKING_URI, else ./mlflow.db")
+    res = sub.add_parser("resolve", help="the registry version a models:/ URI names, or one line why none (exit 2)")
+    res.add_argument("uri", help="e.g. models:/kdpipe-student@champion")
+    res.add_argument("--tracking-uri", default=None, help="default: MLFLOW_TRACKING_URI, else ./mlflow.db")
+    out = sub.add_parser("outcome", help="whether the last export crowned a champion, and why not (one line)")
+    out.add_argument("--params", default=None, help="params file (default params.yaml)")
     exps = sub.add_parser("exps", help="DVC experiments in 80 columns: test accuracies, gap recovered, changed params")
     exps.add_argument("repo", nargs="?", default=".", help="the DVC repo (default .)")
     return parser
@@ -126,6 +180,10 @@ def run(args: argparse.Namespace) -> int:
         return experiments.main(args.repo)
     if args.command == "store":
         return store(args.tracking_uri)
+    if args.command == "resolve":
+        return resolve(args.uri, args.tracking_uri)
+    if args.command == "outcome":
+        return outcome(args.params)
     if args.command == "verify":
         from kdpipe import verify
 

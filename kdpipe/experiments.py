@@ -2,7 +2,8 @@
 per param and metric (hundreds here: it prints only `…`), and `--only-changed` still keeps the latency and
 timing metrics, which differ on every run. This reads `dvc exp show --json` and keeps what a comparison needs:
 the teacher's, the scratch and the distilled students' test accuracy (mean over seeds), the share of the
-teacher-scratch gap the distilled student recovers, and the params that differ from the experiment's baseline.
+teacher-scratch gap the distilled student recovers, evaluate's verdict (did distillation help beyond noise?), and
+the params that differ from the experiment's baseline.
 """
 
 from __future__ import annotations
@@ -19,16 +20,19 @@ WIDTH = 80
 # (column, metrics file, key path): test accuracies as evaluate reports them, in percent
 COLUMNS = (("teacher", "metrics/evaluate.json", ("teacher", "test_accuracy")),
            ("scratch", "metrics/evaluate.json", ("scratch", "test_accuracy")),
-           ("distilled", "metrics/evaluate.json", ("distilled", "test_accuracy")),
+           ("distil", "metrics/evaluate.json", ("distilled", "test_accuracy")),
            ("gap", "metrics/evaluate.json", ("gap_recovered",)))
-NAME_WIDTH = 18
+NAME_WIDTH = 14
+GAP = " "  # between cells: six columns and the changed params share 80 characters
+VERDICT = ("verdict", "metrics/evaluate.json", ("verdict",))  # evaluate's verdict: distilled vs scratch
+VERDICT_CELLS = {"helped": "helped", "no evidence": "noise", "hurt": "hurt"}  # 6 characters at most
 
 
 def cell_width(column: str) -> int:
     return max(len(column), len("100.00"))
 
 
-CHANGES_AT = NAME_WIDTH + sum(cell_width(name) + 2 for name, _, _ in COLUMNS) + 2  # where the changed params start
+CHANGES_AT = NAME_WIDTH + sum(cell_width(name) + len(GAP) for name, _, _ in (*COLUMNS, VERDICT)) + 2  # changes
 
 
 class ExpsError(UserError):
@@ -55,10 +59,21 @@ def params_of(state: dict) -> dict[str, object]:
 
 
 def metric(state: dict, file: str, keys: tuple[str, ...]) -> float | None:
+    value = lookup(state, file, keys)
+    return value if isinstance(value, int | float) else None
+
+
+def lookup(state: dict, file: str, keys: tuple[str, ...]):
+    """The value at `keys` in metrics `file` of an experiment state, or None."""
     value = (((state.get("data") or {}).get("metrics") or {}).get(file) or {}).get("data") or {}
     for key in keys:
         value = value.get(key) if isinstance(value, dict) else None
-    return value if isinstance(value, int | float) else None
+    return value
+
+
+def verdict_cell(state: dict) -> str:
+    """evaluate's verdict in a cell: helped, noise (no evidence of a difference), hurt; '-' before it existed."""
+    return VERDICT_CELLS.get(lookup(state, VERDICT[1], VERDICT[2]), "-")
 
 
 def changes(params: dict[str, object], baseline: dict[str, object]) -> list[str]:
@@ -72,7 +87,8 @@ def row(name: str, state: dict, baseline: dict[str, object]) -> list[str]:
     cells = [f"{name[:NAME_WIDTH - 1]:<{NAME_WIDTH}}"]
     for column, file, keys in COLUMNS:
         value = metric(state, file, keys)
-        cells.append(f"{'-' if value is None else f'{100 * value:.2f}':>{cell_width(column)}}  ")
+        cells.append(f"{'-' if value is None else f'{100 * value:.2f}':>{cell_width(column)}}{GAP}")
+    cells.append(f"{verdict_cell(state):>{cell_width(VERDICT[0])}}{GAP}")
     head = "".join(cells) + "  "
     changed = changes(params_of(state), baseline) if baseline else []  # a commit's own row: none
     lines = [head + fit(changed[0] if changed else "", WIDTH - len(head))]
@@ -87,9 +103,10 @@ def fit(text: str, width: int) -> str:
 def table(states: list[dict]) -> list[str]:
     """The lines of `kdpipe exps` for `dvc exp show --json` output: the workspace (its params against the
     commit it is on), then each commit and, indented under it, its experiments (params against that commit)."""
-    header = f"{'experiment':<{NAME_WIDTH}}" + "".join(f"{c:>{cell_width(c)}}  " for c, _, _ in COLUMNS)
+    header = f"{'experiment':<{NAME_WIDTH}}" + "".join(f"{c:>{cell_width(c)}}{GAP}" for c, _, _ in (*COLUMNS, VERDICT))
     header += "  changed params"
-    lines = [header, " " * NAME_WIDTH + "test accuracy in %, mean over seeds; gap: % of it recovered"]
+    lines = [header, " " * NAME_WIDTH + "test accuracy in %, mean over seeds; gap: % of it recovered",
+             " " * NAME_WIDTH + "verdict: distilled vs scratch beyond noise (or within it: noise)"]
     commits = [s for s in states if s["rev"] != "workspace"]
     for state in states:
         if state["rev"] == "workspace":

@@ -22,6 +22,7 @@ class Paths:
         self.dataset_meta = prepared / "meta.json"  # the same without tensors, for people
         self.teacher = self._models / "teacher.pt"
         self.teacher_outputs = self._models / "teacher_outputs.pt"  # teacher logits + difficulty over train
+        self.predictions = self._models / "predictions.npz"  # evaluate: every model's test and val logits
 
     def students(self, stage: str) -> Path:
         """The folder of a student stage's per-seed checkpoints."""

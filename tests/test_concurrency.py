@@ -15,7 +15,7 @@ import pytest
 from conftest import REPO, dvc_status, subprocess_env, tiny_params, write_params
 
 from kdpipe import store as mlflow_store
-from kdpipe.ship import gate
+from kdpipe.ship import gate, lease
 
 NAME = "m"
 
@@ -89,11 +89,11 @@ def test_two_pipelines_create_and_share_one_new_store(tmp_path):
 GATES = """
 import json, sys, time
 import mlflow
-from kdpipe.ship import gate
+from kdpipe.ship import gate, lease
 
 uri, lock, accuracies = sys.argv[1], sys.argv[2], [float(a) for a in sys.argv[3].split(",")]
 if lock == "lease":  # the lock a server store gets, exercised here on sqlite
-    gate.gate_lock = gate.registry_lease
+    gate.gate_lock = lease.registry_lease
 read = gate.current_champion
 
 
@@ -160,12 +160,12 @@ def test_a_lease_left_by_a_crashed_export_is_broken(tmp_path, monkeypatch):
     gate takes and releases its own."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = mlflow.MlflowClient(uri, registry_uri=uri)
-    client.create_registered_model(f"{NAME}{gate.LEASE_SUFFIX}")
-    monkeypatch.setattr(gate, "LEASE_STALE_S", 0.3)
+    client.create_registered_model(f"{NAME}{lease.LEASE_SUFFIX}")
+    monkeypatch.setattr(lease, "LEASE_STALE_S", 0.3)
     t0 = time.monotonic()
-    with gate.registry_lease(client, NAME):
+    with lease.registry_lease(client, NAME):
         waited = time.monotonic() - t0
-        assert [m.name for m in client.search_registered_models()] == [f"{NAME}{gate.LEASE_SUFFIX}"]
+        assert [m.name for m in client.search_registered_models()] == [f"{NAME}{lease.LEASE_SUFFIX}"]
     assert 0.3 <= waited < 5 and client.search_registered_models() == []
 
 

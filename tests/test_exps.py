@@ -12,7 +12,8 @@ from kdpipe.experiments import WIDTH, table
 
 def state(rev: str, name: str | None, params: dict, distilled: float, experiments=None) -> dict:
     evaluate = {"teacher": {"test_accuracy": 0.9833}, "scratch": {"test_accuracy": 0.955},
-                "distilled": {"test_accuracy": distilled}, "gap_recovered": 0.5}
+                "distilled": {"test_accuracy": distilled}, "gap_recovered": 0.5,
+                "verdict": "helped" if distilled > 0.97 else "no evidence"}
     return {"rev": rev, "name": name, "error": None, "experiments": experiments,
             "data": {"rev": rev, "params": {"params.yaml": {"data": params}},
                      "metrics": {"metrics/evaluate.json": {"data": evaluate},
@@ -37,9 +38,9 @@ def test_every_line_fits_80_columns_and_the_experiment_shows_its_changes():
     assert max(map(len, lines)) <= WIDTH, "\n".join(lines)
     start = next(i for i, line in enumerate(lines) if line.startswith("  warmer"))
     row = lines[start].split()
-    assert row[1:5] == ["98.33", "95.50", "97.12", "50.00"], lines[start]
+    assert row[1:6] == ["98.33", "95.50", "97.12", "50.00", "helped"], lines[start]
     continued = [line.strip() for line in lines[start + 1:]]
-    changes = [lines[start].split(maxsplit=5)[5], *continued]
+    changes = [lines[start].split(maxsplit=6)[6], *continued]
     assert changes[0].startswith('distill.method="a_meth') and changes[0].endswith("…"), changes[0]
     assert len(lines[start]) == WIDTH  # cut at the edge, not dropped
     assert changes[1:] == ["distill.temperature=2.0", "student.seeds=[0, 1]"]
@@ -47,5 +48,5 @@ def test_every_line_fits_80_columns_and_the_experiment_shows_its_changes():
 
 def test_a_commit_and_a_clean_workspace_show_no_changes():
     lines = shown()
-    assert lines[2].split() == ["workspace", "98.33", "95.50", "96.50", "50.00"]
-    assert lines[3].split() == ["main", "98.33", "95.50", "96.50", "50.00"]
+    assert lines[3].split() == ["workspace", "98.33", "95.50", "96.50", "50.00", "noise"]
+    assert lines[4].split() == ["main", "98.33", "95.50", "96.50", "50.00", "noise"]

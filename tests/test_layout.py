@@ -28,7 +28,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("kdpipe.config",),
     ("kdpipe.distill",),
     ("kdpipe.data", "kdpipe.models"),
-    ("kdpipe.params_file", "kdpipe.files", "kdpipe.metrics"),
+    ("kdpipe.sections",),
+    ("kdpipe.params_file", "kdpipe.files", "kdpipe.metrics", "kdpipe.evidence"),
     ("kdpipe.errors", "kdpipe.env"),
 )
 

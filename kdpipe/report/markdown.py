@@ -114,13 +114,17 @@ def gap_line(gap: float | None) -> str:
 
 
 def markdown_report(*, title: str, dataset: str, table: str, gap: float | None, sections: dict[str, str],
-                    images: dict[str, str]) -> str:
+                    images: dict[str, str], verdict: str | None = None, evidence: dict[str, str] | None = None) -> str:
     """A whole Markdown report: title, dataset, headline table, gap recovered, sections, then figures.
 
     sections: heading → preformatted text (e.g. a classification report), shown in a fenced code block so its
-    columns stay aligned. images: alt text → path relative to the report file.
+    columns stay aligned. images: alt text → path relative to the report file. verdict: one line shown first;
+    evidence: heading → Markdown, after the headline.
     """
-    parts = [f"# {title}", f"**Dataset:** {dataset}", "## Headline", table, gap_line(gap)]
+    parts = [f"# {title}", *([f"**Verdict:** {verdict}"] if verdict else []), f"**Dataset:** {dataset}",
+             "## Headline", table, gap_line(gap)]
+    for heading, text in (evidence or {}).items():
+        parts += [f"## {heading}", text]
     for heading, text in sections.items():
         parts += [f"## {heading}", f"```text\n{text.rstrip()}\n```"]
     if images:

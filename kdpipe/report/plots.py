@@ -1,4 +1,5 @@
-"""Figures for the reports: confusion matrices (PNG, and CSV for DVC plots), training curves, the accuracy-vs-latency trade-off.
+"""Figures for the reports: confusion matrices and reliability diagrams (PNG, and CSV for DVC plots), training
+curves, the accuracy-vs-latency trade-off.
 
 matplotlib is imported inside `pyplot()` (about a second), only when a figure is drawn. Every file is written
 atomically (a temporary name beside the target, then a rename), so a crash never leaves half a PNG where DVC
@@ -122,3 +123,35 @@ def tradeoff_png(points: list[dict], path: str | Path) -> Path:
     for handle in legend.legend_handles:
         handle.set_sizes([50])  # same-size legend markers; the axes show the sizes
     return save_figure(fig, path)
+
+
+def reliability_png(bins: list[dict], path: str | Path, title: str) -> Path:
+    """A reliability diagram (Guo et al. 2017): accuracy per confidence bin as bars, the diagonal a perfectly
+    calibrated model would follow, and the share of images per bin below.
+
+    bins: kdpipe.evidence.reliability_bins' rows ({lower, upper, count, confidence, accuracy}).
+    """
+    fig, (ax, counts) = pyplot().subplots(2, 1, figsize=(5.5, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    width = bins[0]["upper"] - bins[0]["lower"]
+    filled = [b for b in bins if b["count"]]
+    ax.bar([b["lower"] for b in filled], [b["accuracy"] for b in filled], width=width, align="edge",
+           edgecolor="black", alpha=0.7, label="accuracy in bin")
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfect calibration")
+    ax.plot([b["confidence"] for b in filled], [b["accuracy"] for b in filled], "o", color="black", markersize=3,
+            label="mean confidence, accuracy")
+    ax.set(ylabel="accuracy", xlim=(0, 1), ylim=(0, 1), title=title)
+    ax.legend(fontsize=8, loc="upper left")
+    total = sum(b["count"] for b in bins)
+    counts.bar([b["lower"] for b in bins], [b["count"] / total for b in bins], width=width, align="edge",
+               edgecolor="black", color="grey")
+    counts.set(xlabel="confidence (top-1 softmax probability)", ylabel="share of images")
+    return save_figure(fig, path)
+
+
+def reliability_csv(bins: list[dict], path: str | Path) -> Path:
+    """The reliability bins that hold images as `confidence,accuracy,count` rows: a DVC plot (dvc.yaml)."""
+    from kdpipe.files import write_csv
+
+    rows = [{"confidence": round(b["confidence"], 6), "accuracy": round(b["accuracy"], 6), "count": b["count"]}
+            for b in bins if b["count"]]
+    return write_csv(path, rows)

@@ -11,15 +11,20 @@ decides anything, so `test_accuracy` is a reported tag only.
     `val_accuracy`, it clears the minimum quality to be crowned, whatever the champion's dataset:
       - above chance (its `val_chance_accuracy` tag, the majority class's share of the validation split,
         + kdpipe.metrics.CHANCE_MARGIN: a model that learned nothing is never crowned), and
-      - above the scratch baseline (its `baseline_val_accuracy` tag: the same-seed scratch student, scored the
-        same way; a distilled model no better than no distillation is not worth serving),
+      - not worse than the scratch baseline (the same-seed scratch student, scored the same way: its
+        `baseline_val_accuracy` tag, and the paired comparison `baseline_val_difference`/`_ci_low`/`_ci_high`).
+        Rule `evidence` (export.promote_rule, the default): refused only when worse beyond noise (the interval
+        below 0): one validation image is not a defeat. Rule `point`: it must score strictly higher,
     and
       - there is no champion yet, or
       - the champion was made on another dataset (its `dataset_digest` tag differs): the data changed, and an
         accuracy measured on other images is not comparable, so the newest model wins, or
-      - its validation accuracy is >= the champion's (ties go to the newer model: same quality, newer code);
+      - rule `evidence`: it is better than the champion beyond noise, on the same validation images (both models
+        run there under the gate's lock; the paired bootstrap's lower bound above 0). A difference inside the
+        noise keeps the champion: serving does not churn on noise. Rule `point`: its validation accuracy is >=
+        the champion's (ties go to the newer model: same quality, newer code);
     a champion without a readable `val_accuracy` tag (registered by hand, or before validation decided) counts
-    as beatable.
+    as beatable, and one that cannot be run on the validation split is judged by the point rule.
 The decision's reason is written on the version (`promotion_reason`). Only what the rule reads is trusted: the
 version tags above. Exports that race (two checkouts, one store) take turns at the gate (`gate_lock`), so the
 rule applies as if they had not raced.
@@ -29,12 +34,8 @@ from __future__ import annotations
 
 import math
 import os
-import random
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-
-from kdpipe.ship.registry import RegistryError
 
 CANDIDATE = "candidate"
 CHAMPION = "champion"
@@ -53,9 +54,16 @@ def promotion(setting: bool | str, environ=os.environ) -> tuple[bool, str]:
     return True, "export.promote: auto, not a DVC experiment"
 
 
-def quality_floor(val_accuracy: float, chance: float | None, baseline: float | None) -> str | None:
+def quality_floor(val_accuracy: float, chance: float | None, baseline: float | None,
+                  baseline_evidence: dict | None = None, rule: str = "point") -> str | None:
     """Why a version with `val_accuracy` may not be crowned at all (None when it may): no readable accuracy, at
-    chance level, or no better than the scratch baseline. Checked whatever the champion is."""
+    chance level, or losing to the scratch baseline. Checked whatever the champion is.
+
+    rule "point": it must score strictly above `baseline`. rule "evidence" with `baseline_evidence` (the paired
+    validation comparison with the baseline, kdpipe.evidence.paired_bootstrap's record): it is refused only
+    when it is worse beyond noise (the interval's upper bound below 0); a difference inside the noise is not a
+    defeat. Without that record the evidence rule falls back on the point rule.
+    """
     if math.isnan(val_accuracy):
         return "no readable val_accuracy tag: it cannot be judged on validation"
     if chance is not None:
@@ -64,14 +72,24 @@ def quality_floor(val_accuracy: float, chance: float | None, baseline: float | N
         if at_chance(val_accuracy, chance):
             return (f"validation accuracy {val_accuracy:.4f} is at chance ({chance:.4f}, the majority class's share "
                     f"of validation, + {CHANCE_MARGIN:g})")
-    if baseline is not None and not val_accuracy > baseline:
+    if baseline is None:
+        return None
+    if rule == "evidence" and baseline_evidence is not None:
+        from kdpipe.evidence import interval_text
+
+        if baseline_evidence["high"] < 0:
+            return (f"validation accuracy {val_accuracy:.4f} is below the scratch baseline's {baseline:.4f} beyond "
+                    f"noise ({interval_text(baseline_evidence)})")
+        return None
+    if not val_accuracy > baseline:
         return f"validation accuracy {val_accuracy:.4f} does not beat the scratch baseline's {baseline:.4f}"
     return None
 
 
 def champion_decision(val_accuracy: float, dataset_digest: str, champion_tags: dict[str, str] | None,
                       *, parity_passed: bool = True, newer_champion: bool = False,
-                      chance: float | None = None, baseline: float | None = None) -> tuple[bool, str]:
+                      chance: float | None = None, baseline: float | None = None, rule: str = "point",
+                      baseline_evidence: dict | None = None, champion_evidence: dict | None = None) -> tuple[bool, str]:
     """(take champion?, why) for a new version with `val_accuracy` (validation split) on `dataset_digest`, given
     the current champion's version tags (None when there is none). Pure: the rule of the module docstring.
 
@@ -80,12 +98,29 @@ def champion_decision(val_accuracy: float, dataset_digest: str, champion_tags: d
     data takes its place, which is what gating the two in version order would have given.
     chance, baseline: the new version's chance level on validation and its scratch baseline's validation
     accuracy (None: not known, not checked).
+    rule: "point" compares accuracies; "evidence" reads the paired validation comparisons instead:
+    `baseline_evidence` (new version − scratch) and `champion_evidence` (new version − champion, same images).
+    Under it the champion moves only to a version better beyond noise (the interval's lower bound above 0).
     """
     if not parity_passed:
         return False, "parity failed"
-    floor = quality_floor(val_accuracy, chance, baseline)
+    floor = quality_floor(val_accuracy, chance, baseline, baseline_evidence, rule)
     if floor:
         return False, floor
+    take, reason = _against_champion(val_accuracy, dataset_digest, champion_tags, newer_champion, rule,
+                                     champion_evidence)
+    if rule == "evidence" and baseline_evidence is not None:
+        from kdpipe.evidence import direction, interval_text
+
+        reading = {"helped": "better beyond noise", "hurt": "worse beyond noise"}.get(
+            direction(baseline_evidence), "no difference beyond noise")
+        reason += f"; against scratch on validation: {interval_text(baseline_evidence)}, {reading}"
+    return take, reason
+
+
+def _against_champion(val_accuracy: float, dataset_digest: str, champion_tags: dict[str, str] | None,
+                      newer_champion: bool, rule: str, champion_evidence: dict | None) -> tuple[bool, str]:
+    """champion_decision past the quality floor: the new version against the champion."""
     if champion_tags is None:
         return True, "no champion yet"
     if champion_tags.get("dataset_digest") != dataset_digest:
@@ -96,6 +131,23 @@ def champion_decision(val_accuracy: float, dataset_digest: str, champion_tags: d
         best = float(champion_tags["val_accuracy"])
     except (KeyError, ValueError):
         return True, "the champion has no readable val_accuracy tag"
+    if rule == "evidence" and champion_evidence is not None:
+        return evidence_decision(champion_evidence)
+    return point_decision(val_accuracy, best, newer_champion)
+
+
+def evidence_decision(champion_evidence: dict) -> tuple[bool, str]:
+    """The evidence rule against a champion on the same validation images: take it only beyond noise."""
+    from kdpipe.evidence import interval_text
+
+    text = f"{interval_text(champion_evidence)} against the champion on the same validation images"
+    if champion_evidence["low"] > 0:
+        return True, f"better than the champion beyond noise: {text}"
+    return False, f"not better than the champion beyond noise: {text} (export.promote_rule: evidence)"
+
+
+def point_decision(val_accuracy: float, best: float, newer_champion: bool) -> tuple[bool, str]:
+    """The point rule: the higher validation accuracy wins; ties go to the newer version."""
     if val_accuracy > best or (val_accuracy == best and not newer_champion):
         return True, f"validation accuracy {val_accuracy:.4f} >= champion's {best:.4f}"
     if val_accuracy == best:
@@ -114,19 +166,23 @@ def current_champion(client, name: str, alias: str = CHAMPION):
 
 
 def apply_gate(client, name: str, version: str, *, parity_passed: bool = True,
-               promote: tuple[bool, str] = (True, "")) -> dict:
+               promote: tuple[bool, str] = (True, ""), rule: str = "point", compare=None) -> dict:
     """Give `version` the candidate alias, and champion when promotion is on (`promote`: `promotion()`'s pair)
     and `champion_decision` says so; the reason becomes the version's `promotion_reason` tag.
 
     The new version's own tags are what gets compared. Gates of one model run one at a time, across processes
     and checkouts (`gate_lock`), so exports that race end as if they had been gated one after the other; an
     alias never moves back to an older version except a champion to a strictly better one on the same data.
-    Returns {version, aliases, champion, previous_champion, reason}.
+    rule: export.promote_rule. compare: called with the champion's ModelVersion when it was made on the same
+    dataset digest, under the gate's lock; returns the paired validation comparison (new − champion,
+    kdpipe.evidence.paired_bootstrap's record) or None when it cannot be made. Its figures become the version's
+    tags (`champion_val_*`) and a sentence of its description.
+    Returns {version, aliases, champion, previous_champion, reason, champion_evidence}.
     """
     from kdpipe.store import retry_locked
 
     with gate_lock(client, name):
-        return retry_locked(lambda: _gate(client, name, str(version), parity_passed, promote))
+        return retry_locked(lambda: _gate(client, name, str(version), parity_passed, promote, rule, compare))
 
 
 def _float_tag(tags: dict, key: str) -> float | None:
@@ -134,16 +190,46 @@ def _float_tag(tags: dict, key: str) -> float | None:
     return float(tags[key]) if key in tags else None
 
 
-def _gate(client, name: str, version: str, parity_passed: bool, promote: tuple[bool, str]) -> dict:
+def baseline_evidence(tags: dict) -> dict | None:
+    """The paired comparison with the scratch baseline that the export stage wrote on the version, or None."""
+    try:
+        return {"difference": float(tags["baseline_val_difference"]), "low": float(tags["baseline_val_ci_low"]),
+                "high": float(tags["baseline_val_ci_high"]), "confidence": float(tags["evidence_confidence"])}
+    except (KeyError, ValueError):
+        return None
+
+
+def record_champion_evidence(client, name: str, version: str, champion, found: dict) -> None:
+    """The paired comparison with the champion as version tags and a sentence of the version's description."""
+    from kdpipe.evidence import interval_text
+
+    tags = {"compared_with_champion": champion.version, "champion_val_difference": f"{found['difference']:.6f}",
+            "champion_val_ci_low": f"{found['low']:.6f}", "champion_val_ci_high": f"{found['high']:.6f}"}
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, str(value))
+    description = client.get_model_version(name, version).description or ""
+    sentence = (f"Against champion v{champion.version} on the same validation split ({found['images']} images): "
+                f"{interval_text(found)}.")
+    client.update_model_version(name, version, description=f"{description} {sentence}".strip())
+
+
+def _gate(client, name: str, version: str, parity_passed: bool, promote: tuple[bool, str], rule: str,
+          compare) -> dict:
     """apply_gate's read, decide and set, while it holds the gate lock."""
     new = client.get_model_version(name, version)
-    accuracy = float(new.tags.get("val_accuracy", "nan"))
+    accuracy, digest = float(new.tags.get("val_accuracy", "nan")), new.tags.get("dataset_digest", "")
     champion, candidate = current_champion(client, name), current_champion(client, name, CANDIDATE)
-    take, reason = champion_decision(accuracy, new.tags.get("dataset_digest", ""),
+    found = None
+    if compare is not None and champion is not None and champion.tags.get("dataset_digest") == digest:
+        found = compare(champion)
+        if found is not None:
+            record_champion_evidence(client, name, version, champion, found)
+    take, reason = champion_decision(accuracy, digest,
                                      None if champion is None else dict(champion.tags), parity_passed=parity_passed,
                                      newer_champion=champion is not None and int(champion.version) > int(version),
                                      chance=_float_tag(new.tags, "val_chance_accuracy"),
-                                     baseline=_float_tag(new.tags, "baseline_val_accuracy"))
+                                     baseline=_float_tag(new.tags, "baseline_val_accuracy"), rule=rule,
+                                     baseline_evidence=baseline_evidence(new.tags), champion_evidence=found)
     if not promote[0]:
         verdict = "yes" if take else "no"
         take, reason = False, f"not promoted ({promote[1]}); the rule would have said: {verdict}, {reason}"
@@ -154,12 +240,8 @@ def _gate(client, name: str, version: str, parity_passed: bool, promote: tuple[b
     client.set_model_version_tag(name, version, REASON_TAG, reason)
     aliases = sorted(a for a, v in client.get_registered_model(name).aliases.items() if str(v) == version)
     return {"version": version, "aliases": aliases, "champion": take,
-            "previous_champion": None if champion is None else str(champion.version), "reason": reason}
-
-
-LEASE_SUFFIX = ".gate-lease"  # the registered model whose existence is the registry lease of a model's gate
-LEASE_STALE_S = 60.0  # a gate takes well under a second: a lease seen unchanged this long lost its holder
-LEASE_WAIT_S = 300.0
+            "previous_champion": None if champion is None else str(champion.version), "reason": reason,
+            "champion_evidence": found}
 
 
 @contextmanager
@@ -167,56 +249,9 @@ def gate_lock(client, name: str) -> Iterator[None]:
     """Hold the gate of registered model `name` alone: the store's file lock for a sqlite store (kdpipe.tracking
     .store_lock), else a lease kept in the registry itself (registry_lease), for a server where processes share
     no file system."""
+    from kdpipe.ship import lease
     from kdpipe.store import sqlite_path, store_lock
 
     uri = client._registry_uri  # the store this client registers in (MlflowClient keeps no public accessor)
-    with store_lock(uri) if sqlite_path(uri) else registry_lease(client, name):
+    with store_lock(uri) if sqlite_path(uri) else lease.registry_lease(client, name):
         yield
-
-
-@contextmanager
-def registry_lease(client, name: str) -> Iterator[None]:
-    """Mutual exclusion through the MLflow API alone. Creating a registered model is atomic on every backend (a
-    second creator gets RESOURCE_ALREADY_EXISTS), so whoever creates `<name>.gate-lease` holds the lease until
-    it deletes it. A lease seen unchanged for LEASE_STALE_S was left by a crashed holder and is deleted."""
-    from mlflow.exceptions import MlflowException
-
-    lease, seen, start = f"{name}{LEASE_SUFFIX}", {}, time.monotonic()
-    while True:
-        try:
-            client.create_registered_model(lease, description=f"kdpipe: an export is gating {name}")
-            break
-        except MlflowException as e:
-            # ALREADY_EXISTS: someone holds it. DOES_NOT_EXIST: the sqlalchemy store lost the insert race and,
-            # looking the winner up to say so, found the lease already released (seen under load): try again.
-            if e.error_code not in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"):
-                raise
-        _wait_for_lease(client, lease, seen, start)
-    try:
-        yield
-    finally:
-        client.delete_registered_model(lease)
-
-
-def _wait_for_lease(client, lease: str, seen: dict, start: float) -> None:
-    """Pause before the next try at `lease`, or delete it when the same lease (creation time) has been held for
-    LEASE_STALE_S since we first saw it; RegistryError after LEASE_WAIT_S."""
-    now, stamp = time.monotonic(), _lease_stamp(client, lease)
-    if stamp is not None and now - seen.setdefault(stamp, now) > LEASE_STALE_S:
-        if _lease_stamp(client, lease) == stamp:  # still that one: another waiter may have broken it already
-            client.delete_registered_model(lease)
-        return
-    if now - start > LEASE_WAIT_S:
-        raise RegistryError(f"registered model {lease!r} (an export's gate lease) held for {now - start:.0f} s; "
-                            f"if no export is running, delete it: MlflowClient().delete_registered_model({lease!r})")
-    time.sleep(random.uniform(0.05, 0.25))
-
-
-def _lease_stamp(client, lease: str) -> int | None:
-    """When the lease now held was taken (server time, ms), or None when nobody holds it."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return client.get_registered_model(lease).creation_timestamp
-    except MlflowException:
-        return None

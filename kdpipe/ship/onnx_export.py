@@ -30,9 +30,7 @@ if TYPE_CHECKING:
     import onnx
     import onnxruntime
 
-INPUT_NAME = "images"
-OUTPUT_NAME = "logits"
-BATCH_AXIS = "batch"
+INPUT_NAME, OUTPUT_NAME, BATCH_AXIS = "images", "logits", "batch"  # the graph's input, output and dynamic axis
 MIN_OPSET = 17
 CALIBRATION_BATCH = 32
 
@@ -238,9 +236,13 @@ def ort_latency_ms(onnx_path: str | Path, input_shape: tuple[int, int, int], *, 
 
 def onnx_accuracy(onnx_path: str | Path, images_uint8: torch.Tensor, labels: torch.Tensor | np.ndarray) -> float:
     """Top-1 accuracy (a fraction) of the ONNX model under plain onnxruntime."""
-    predictions = ort_predict(ort_session(onnx_path), images_uint8).argmax(1)
+    return float(onnx_correct(onnx_path, images_uint8, labels).mean())
+
+
+def onnx_correct(onnx_path: str | Path, images_uint8: torch.Tensor, labels: torch.Tensor | np.ndarray) -> np.ndarray:
+    """(N,) int8: 1 where the ONNX model's top-1 under plain onnxruntime is the label."""
     labels = labels.cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
-    return float((predictions == labels).mean())
+    return (ort_predict(ort_session(onnx_path), images_uint8).argmax(1) == labels).astype(np.int8)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ registry.mlflow_module.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -36,6 +37,7 @@ class Registration:
     tags: dict[str, str] = field(default_factory=dict)
     description: str = ""
     val_accuracy: float | None = None  # what the gate decides on; None: no tag, never crowned
+    compare: Callable | None = None  # champion ModelVersion → paired validation comparison (gate.apply_gate)
 
 
 def pip_requirements() -> list[str]:
@@ -48,7 +50,7 @@ def pip_requirements() -> list[str]:
 
 
 def register_onnx(entry: Registration, input_example, *, parity_passed: bool = True,
-                  promote: tuple[bool, str] = (True, "")) -> dict:
+                  promote: tuple[bool, str] = (True, ""), rule: str = "point") -> dict:
     """Log `entry.onnx_path` with the ONNX flavour into the active run, register it as a new version of
     `entry.name` with its tags and description, then apply the gate (`promote`: gate.promotion's pair). Returns
     apply_gate's dict.
@@ -78,7 +80,8 @@ def register_onnx(entry: Registration, input_example, *, parity_passed: bool = T
         client.set_model_version_tag(entry.name, version, key, str(value))
     if entry.description:
         client.update_model_version(entry.name, version, description=entry.description)
-    return apply_gate(client, entry.name, version, parity_passed=parity_passed, promote=promote)
+    return apply_gate(client, entry.name, version, parity_passed=parity_passed, promote=promote, rule=rule,
+                      compare=entry.compare)
 
 
 def _run_onnx(path: Path, images):
@@ -111,6 +114,7 @@ class Release:
     chance_accuracy: float | None = None  # the majority class's share of the validation split: the chance level
     promote: tuple[bool, str] = (True, "")  # gate.promotion(export.promote)
     lineage: dict[str, str] = field(default_factory=dict)  # export_run, teacher/scratch/distill_run, dvc_lock_sha256
+    val_split: tuple | None = None  # (val_x uint8, val_y): the images the gate runs a same-data champion on
 
     def entry(self, role: str, name: str, artifact: str, tags: dict, description: str) -> Registration:
         """The Registration of one shipped file: common tags, its own numbers, the lineage, then the role's `tags`;
@@ -125,7 +129,28 @@ class Release:
         return Registration(name=name, onnx_path=result.path, artifact_name=artifact,
                             test_accuracy=result.accuracy, dataset_digest=self.dataset_digest,
                             tags={k: str(v) for k, v in tags.items()}, val_accuracy=result.val_accuracy,
-                            description=f"{description} {self.lineage_text()}")
+                            description=f"{description} {self.lineage_text()}",
+                            compare=self.champion_comparison(result.val_correct))
+
+    def champion_comparison(self, correct) -> Callable | None:
+        """gate.apply_gate's `compare` for a version whose validation images score `correct` (0/1 each): the
+        champion's ONNX downloaded and run on the same images, then the paired bootstrap (new − champion) with
+        the evaluate section's settings. None (no comparison) without the validation split, or when the
+        champion cannot be run on it; the gate then falls back on the point rule."""
+        if self.val_split is None or correct is None:
+            return None
+        opts = self.cfg.evaluate
+
+        def compare(champion) -> dict | None:
+            from kdpipe.evidence import paired_bootstrap
+
+            theirs = champion_val_correct(champion, *self.val_split)
+            if theirs is None or len(theirs) != len(correct):
+                return None
+            return paired_bootstrap(correct, theirs, samples=opts.bootstrap_samples, seed=opts.bootstrap_seed,
+                                    confidence=opts.confidence)
+
+        return compare
 
     def lineage_text(self) -> str:
         """The version's lineage as a sentence: commit, dvc.lock digest, the export run and the training runs."""
@@ -135,8 +160,27 @@ class Release:
                 f"scratch run {lin.get('scratch_run', 'unknown')}, teacher run {lin.get('teacher_run', 'unknown')}.")
 
     def register(self, entry: Registration, example) -> dict:
-        """register_onnx with this export's promotion setting."""
-        return register_onnx(entry, example, promote=self.promote)
+        """register_onnx with this export's promotion setting and rule."""
+        return register_onnx(entry, example, promote=self.promote, rule=self.cfg.export.promote_rule)
+
+
+def champion_val_correct(champion, val_x, val_y):
+    """(N,) 0/1 of a registered version's ONNX on the validation images, or None when it cannot be fetched or
+    run (a version logged by hand, another input shape): the caller falls back on accuracies alone."""
+    import shutil
+    import tempfile
+
+    from kdpipe.ship.onnx_export import onnx_correct
+    from kdpipe.ship.registry import download_onnx
+
+    folder = tempfile.mkdtemp(prefix="kdpipe-champion-")
+    try:
+        path = download_onnx(f"models:/{champion.name}/{champion.version}", mlflow_module().get_tracking_uri(), folder)
+        return onnx_correct(path, val_x, val_y)
+    except Exception:  # noqa: BLE001 - RegistryError, or onnxruntime's own types for a model that does not fit
+        return None
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def register(release: Release, test_images: Tensor, teacher_checkpoint: Path, *, int8: bool) -> dict[str, dict]:
@@ -169,19 +213,31 @@ def teacher_entry(release: Release, checkpoint: str) -> Registration:
         f"(teacher.source: registry) is {checkpoint}.")
 
 
-def student_tags(release: Release) -> dict:
-    """The tags the fp32 and int8 students share, with the scratch baseline the gate must see them beat."""
+def student_tags(release: Release, result) -> dict:
+    """The tags of a student version (`result`: the fp32 or int8 OnnxResult), with the scratch baseline the gate
+    weighs it against: its validation accuracy and the paired comparison on the same validation images."""
     tags = {"model": release.models.student.name, "student_seed": release.models.seed,
             "teacher_model": release.models.teacher.name}
-    baseline = release.shipment.scratch.val_accuracy
-    return tags if baseline is None else {**tags, "baseline_val_accuracy": f"{baseline:.6f}"}
+    scratch = release.shipment.scratch
+    if scratch.val_accuracy is None:
+        return tags
+    tags["baseline_val_accuracy"] = f"{scratch.val_accuracy:.6f}"
+    if scratch.val_correct is not None and result.val_correct is not None:
+        from kdpipe.evidence import paired_bootstrap
+
+        opts = release.cfg.evaluate
+        found = paired_bootstrap(result.val_correct, scratch.val_correct, samples=opts.bootstrap_samples,
+                                 seed=opts.bootstrap_seed, confidence=opts.confidence)
+        tags |= {"baseline_val_difference": f"{found['difference']:.6f}", "baseline_val_ci_low": f"{found['low']:.6f}",
+                 "baseline_val_ci_high": f"{found['high']:.6f}", "evidence_confidence": f"{found['confidence']:g}"}
+    return tags
 
 
 def student_entry(release: Release) -> Registration:
     """The fp32 student, with the seed that shipped."""
     cfg, models = release.cfg, release.models
     return release.entry(
-        "student", cfg.export.registered_model, "student", student_tags(release),
+        "student", cfg.export.registered_model, "student", student_tags(release, release.shipment.student),
         f"kdpipe student {models.student.name} distilled from teacher {models.teacher.name} with method "
         f"{cfg.distill.method} on {cfg.data.dataset} (seed {models.seed}, chosen by validation accuracy).")
 
@@ -196,7 +252,7 @@ def int8_entry(release: Release, fp32_version: str) -> Registration:
     description say it plainly; whoever deploys picks by the figures."""
     cfg, models, shipment = release.cfg, release.models, release.shipment
     slower, fp32_b1, int8_b1 = shipment.int8_slower, shipment.student.latency.b1, shipment.int8.latency.b1
-    tags = {**student_tags(release), "quantization": "static int8 (QDQ, MinMax)",
+    tags = {**student_tags(release, shipment.int8), "quantization": "static int8 (QDQ, MinMax)",
             "int8_accuracy_drop": f"{shipment.int8_drop:.6f}",
             "int8_val_accuracy_drop": f"{shipment.int8_val_drop:.6f}",
             "fp32_version": fp32_version, "int8_slower_than_fp32": str(slower).lower(),

@@ -70,7 +70,10 @@ def resolve(uri: str, tracking_uri: str):
     try:
         client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
         if alias:
-            return client.get_model_version_by_alias(name, alias)
+            try:
+                return client.get_model_version_by_alias(name, alias)
+            except MlflowException:
+                raise RegistryError(missing_alias(client, name, alias, uri, tracking_uri)) from None
         if version == "latest":
             versions = client.search_model_versions(f"name = '{name}'")
             if not versions:
@@ -80,6 +83,27 @@ def resolve(uri: str, tracking_uri: str):
     except MlflowException as e:
         first = str(e.message if hasattr(e, "message") else e).strip().splitlines()[0]
         raise RegistryError(f"{uri}: not found in the registry at {tracking_uri} ({first})") from None
+
+
+def missing_alias(client, name: str, alias: str, uri: str, tracking_uri: str) -> str:
+    """Why no version holds `alias`, in one line: the latest version's aliases and its promotion_reason tag (the
+    gate's reason for not crowning it), and what to use instead."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = client.search_model_versions(f"name = '{name}'")
+    except MlflowException:
+        versions = []
+    if not versions:
+        return f"{uri}: registered model {name!r} has no versions in the registry at {tracking_uri}; run the pipeline first"
+    latest = max(versions, key=lambda v: int(v.version))
+    held = sorted(a for a, v in client.get_registered_model(name).aliases.items() if str(v) == str(latest.version))
+    why = latest.tags.get("promotion_reason", "no reason recorded")
+    instead = next((a for a in ("candidate", "champion") if a in held and a != alias), None)
+    serve = (f"; serve it with models:/{name}@{instead} (make serve ALIAS={instead})" if instead
+             else f"; use models:/{name}/{latest.version}")
+    return (f"{uri}: no version of {name!r} holds alias {alias!r}; the latest, v{latest.version} "
+            f"({', '.join(held) or 'no alias'}), was not crowned: {why}{serve}")
 
 
 def download_teacher_checkpoint(uri: str, tracking_uri: str, dst: str | Path) -> Path:

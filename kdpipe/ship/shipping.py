@@ -14,11 +14,12 @@ import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    import numpy as np
     from torch import Tensor, nn
 
     from kdpipe.config import Config, ExportConfig
@@ -73,6 +74,8 @@ class OnnxResult:
     parity: dict | None = None  # None where nothing was compared with PyTorch (int8, scratch)
     params_hash: str | None = None
     val_accuracy: float | None = None  # what the registry gate decides on (kdpipe/ship/gate.py)
+    # (N_val,) int8 0/1 per validation image: the gate's paired comparisons (kdpipe/evidence.py)
+    val_correct: np.ndarray | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -200,7 +203,7 @@ def measure(cfg: Config, prepared: dict, models: Models, exported: dict[str, Exp
     scratch = export_onnx(models.scratch, folder / "scratch.onnx", shape, opset=cfg.export.opset,
                           metadata={"role": "scratch"})
     scratch_result = OnnxResult(None, scratch.stat().st_size, latency(scratch, shape, cfg.export),
-                                val_accuracy=val_accuracy(scratch, prepared))  # the gate's baseline
+                                **validation(scratch, prepared))  # the gate's baseline
     int8 = None
     if cfg.export.int8:
         calibration = calibration_images(prepared["train_x"], cfg.export.calibration_images, cfg.seed)
@@ -218,14 +221,16 @@ def measured(path: Path, prepared: dict, opts: ExportConfig, **checks) -> OnnxRe
 
     accuracy = onnx_accuracy(path, prepared["test_x"], prepared["test_y"])
     return OnnxResult(path, path.stat().st_size, latency(path, tuple(prepared["image_shape"]), opts), accuracy,
-                      val_accuracy=val_accuracy(path, prepared), **checks)
+                      **validation(path, prepared), **checks)
 
 
-def val_accuracy(path: Path, prepared: dict) -> float:
-    """onnxruntime accuracy on the validation split: every model the gate compares is scored the same way."""
-    from kdpipe.ship.onnx_export import onnx_accuracy
+def validation(path: Path, prepared: dict) -> dict:
+    """{val_accuracy, val_correct}: onnxruntime on the validation split, every model the gate compares scored the
+    same way, image by image (for the paired comparisons)."""
+    from kdpipe.ship.onnx_export import onnx_correct
 
-    return onnx_accuracy(path, prepared["val_x"], prepared["val_y"])
+    hit = onnx_correct(path, prepared["val_x"], prepared["val_y"])
+    return {"val_accuracy": float(hit.mean()), "val_correct": hit}
 
 
 def latency(path: Path, shape: tuple[int, int, int], opts: ExportConfig) -> Latency:

@@ -5,7 +5,14 @@ Per model: top-1 (top-5 with ≥ 10 classes), macro-F1, classification report, c
 MACs per image and PyTorch CPU latency per image; students as mean ± std over their seeds. Headline:
 gap_recovered = (distilled − scratch) / (teacher − scratch). The seed to ship (`shipped`) is chosen on the
 validation split alone, by `choose_seed`; the export stage exports that seed. Nothing here trains.
-Outputs: metrics/evaluate.json, reports/evaluate/ (evaluate.md with its PNGs).
+
+Evidence (kdpipe/evidence.py): every model's test and validation logits are kept (models/predictions.npz), and
+from them the paired comparisons (distilled vs scratch, each student vs the teacher: a two-level bootstrap over
+seeds and test images, an exact McNemar test per seed pair), gap_recovered's interval, fidelity to the teacher,
+calibration (ECE, NLL, Brier, the temperature fitted on validation) and the per-class changes; then the verdict,
+one line, at the top of the report, at the end of the stage's output and in evaluate.json.
+Outputs: metrics/evaluate.json, models/predictions.npz, reports/evaluate/ (evaluate.md with its PNGs, the
+confusion and reliability CSVs that dvc.yaml declares as plots).
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ if TYPE_CHECKING:
     from kdpipe.run.stage import StageContext
 
 STAGE = "evaluate"
-OUTPUTS = ("metrics", "reports")  # the paths.* folders it writes, checked before any work
+OUTPUTS = ("metrics", "reports", "models")  # the paths.* folders it writes (predictions.npz), checked first
 REPORT = "evaluate.md"  # inside reports/evaluate/
 STUDENT_STAGES = {"scratch": "scratch", "distilled": "distill"}  # report label → stage that trained it
 
@@ -61,23 +68,56 @@ def choose_seed(val_scores: dict[int, dict]) -> dict:
             "val_loss": {str(s): v for s, v in losses.items()}}
 
 
-def shipped_seed(ctx: StageContext, students: list[tuple]) -> dict:
-    """choose_seed over the distilled students, scored on the validation split as the distill stage scored
-    them when it trained them (inference.score), so the choice matches distill.json's val_accuracy."""
-    from kdpipe.data.batches import Split
-    from kdpipe.train.inference import score
-
-    val = Split(ctx.prepared["val_x"], ctx.prepared["val_y"])  # on the host: score moves each batch
-    return choose_seed({seed: score(ctx.rt.prepare(model), val, ctx.rt) for seed, model in students})
-
-
-def score_model(model, prepared: dict, rt) -> dict:
-    """Test-split metrics of one model (no cost figures)."""
-    from kdpipe.metrics import classification_metrics
+def model_logits(ctx: StageContext, models: dict[str, list]) -> dict[str, list[tuple]]:
+    """label → [(seed, {"test": logits, "val": logits})]: each model's fp32 logits (torch, on the host) on the
+    test and validation splits, computed once for every figure below."""
     from kdpipe.train.inference import predict
 
-    logits = predict(rt.prepare(model), prepared["test_x"], rt)
+    def both(model) -> dict:
+        model = ctx.rt.prepare(model)
+        return {split: predict(model, ctx.prepared[f"{split}_x"], ctx.rt) for split in ("test", "val")}
+
+    return {label: [(seed, both(model)) for seed, model in runs] for label, runs in models.items()}
+
+
+def shipped_seed(ctx: StageContext, distilled: list[tuple]) -> dict:
+    """choose_seed over the distilled students' validation logits, scored as the distill stage scored them when
+    it trained them (inference.score: mean cross-entropy and accuracy), so the choice matches distill.json."""
+    from kdpipe.distill.losses import cross_entropy
+
+    val_y = ctx.prepared["val_y"].cpu()
+    return choose_seed({seed: {"loss": cross_entropy(out["val"], val_y).item(),
+                               "accuracy": (out["val"].argmax(1) == val_y).float().mean().item()}
+                        for seed, out in distilled})
+
+
+def score_logits(logits, prepared: dict) -> dict:
+    """Test-split metrics of one model's test logits (no cost figures)."""
+    from kdpipe.metrics import classification_metrics
+
     return classification_metrics(logits, prepared["test_y"], prepared["classes"])
+
+
+def array_name(label: str) -> str:
+    """A model label as a predictions.npz key part: "teacher members" → "teacher_members"."""
+    return label.replace(" ", "_")
+
+
+def write_predictions(ctx: StageContext, logits: dict[str, list[tuple]]) -> Path:
+    """models/predictions.npz: labels, classes, seeds, and per model and split the logits stacked over seeds,
+    `<split>_logits_<label>` (S, N, K) float32 with `<label>_seeds` (S,) (-1 for a model trained once)."""
+    import numpy as np
+
+    from kdpipe.files import write_npz
+
+    prepared = ctx.prepared
+    arrays = {"test_labels": prepared["test_y"].numpy(), "val_labels": prepared["val_y"].numpy(),
+              "classes": np.array(list(prepared["classes"]), dtype=str)}
+    for label, runs in logits.items():
+        arrays[f"{array_name(label)}_seeds"] = np.array([-1 if s is None else s for s, _ in runs], dtype=np.int64)
+        for split in ("test", "val"):
+            arrays[f"{split}_logits_{array_name(label)}"] = np.stack([out[split].numpy() for _, out in runs])
+    return write_npz(ctx.paths.predictions, arrays)
 
 
 def cost(model, shape) -> dict:
@@ -108,13 +148,14 @@ def summarise(scored: list[tuple], costs: dict) -> dict:
 
 
 def write_report(ctx: StageContext, results: dict, scored: dict) -> Path:
-    """reports/evaluate/evaluate.md with the headline table, classification reports, confusion matrices,
-    curves."""
+    """reports/evaluate/evaluate.md: the verdict, the headline table, the evidence, classification reports,
+    confusion matrices, reliability diagrams and curves."""
     from kdpipe.files import write_text
+    from kdpipe.report.evidence_text import evidence_sections
     from kdpipe.report.markdown import evaluate_table, markdown_report
-    from kdpipe.report.plots import confusion_csv, confusion_png, curves_png
+    from kdpipe.report.plots import confusion_csv, confusion_png, curves_png, reliability_csv, reliability_png
 
-    cfg, prepared, reports = ctx.cfg, ctx.prepared, ctx.paths.reports(STAGE)
+    cfg, prepared, reports, evidence = ctx.cfg, ctx.prepared, ctx.paths.reports(STAGE), results["evidence"]
     images, sections = {}, {}
     for label, runs in scored.items():
         seed, metrics = runs[0]
@@ -125,12 +166,18 @@ def write_report(ctx: StageContext, results: dict, scored: dict) -> Path:
         images[f"confusion matrix, {which}"] = png.name
         confusion_csv(metrics["confusion"], prepared["classes"], reports / f"confusion_{name}.csv")  # dvc plots
         sections[f"Classification report: {which}"] = metrics["report_text"]
+    for label, calib in evidence["calibration"].items():
+        title = f"{label.replace('_', ' ')}: reliability on test (all seeds), ECE {calib['ece'] * 100:.2f} %"
+        images[f"reliability diagram, {label}"] = reliability_png(calib["bins"], reports / f"reliability_{label}.png",
+                                                                  title=title).name
+        reliability_csv(calib["bins"], reports / f"reliability_{label}.csv")  # dvc plots
     curves = {label: _read_curve(ctx.paths.curves(stage)) for label, stage in STUDENT_STAGES.items()}
     images["validation accuracy per epoch (mean over seeds)"] = curves_png(
         curves, reports / "curves_val_accuracy.png", metric="val_accuracy", title="scratch vs distilled").name
     dataset = f"{cfg.data.dataset} ({len(prepared['test_y'])} test images, student seeds {list(cfg.student.seeds)})"
     text = markdown_report(title="kdpipe evaluation", dataset=dataset, table=evaluate_table(results),
-                           gap=results["gap_recovered"], sections=sections, images=images)
+                           gap=results["gap_recovered"], sections=sections, images=images,
+                           verdict=evidence["verdict_line"], evidence=evidence_sections(evidence))
     return write_text(reports / REPORT, text)
 
 
@@ -142,22 +189,49 @@ def _read_curve(path: Path) -> list[dict]:
 
 
 def evaluate(ctx: StageContext, models: dict[str, list]) -> tuple[dict, dict]:
-    """(evaluate.json's dict, label → [(seed, test metrics)]) for the loaded models."""
+    """(evaluate.json's dict, label → [(seed, test metrics)]) for the loaded models; writes predictions.npz,
+    from which the evidence is computed."""
     from kdpipe.metrics import gap_recovered
+    from kdpipe.report import findings as evidence
 
     cfg, shape = ctx.cfg, tuple(ctx.prepared["image_shape"])
-    scored = {label: [(seed, score_model(model, ctx.prepared, ctx.rt)) for seed, model in runs]
-              for label, runs in models.items()}
+    logits = model_logits(ctx, models)
+    scored = {label: [(seed, score_logits(out["test"], ctx.prepared)) for seed, out in runs]
+              for label, runs in logits.items()}
     results = {label: summarise(scored[label], cost(models[label][0][1], shape)) for label in models}
     gap = gap_recovered(*(results[k]["test_accuracy"] for k in ("teacher", "scratch", "distilled")))
+    shipped = shipped_seed(ctx, logits["distilled"])
+    opts = cfg.evaluate
+    found = evidence.evaluate_evidence(evidence.load_predictions(write_predictions(ctx, logits)), shipped["seed"],
+                                       samples=opts.bootstrap_samples, seed=opts.bootstrap_seed,
+                                       confidence=opts.confidence, bins=opts.calibration_bins)
     results.update(gap_recovered=gap, dataset=cfg.data.dataset, dataset_digest=ctx.digest,
                    reproducible=ctx.rt.reproducible, seeds=list(cfg.student.seeds), method=cfg.distill.method,
-                   shipped=shipped_seed(ctx, models["distilled"]))
+                   shipped=shipped, verdict=found["verdict"], verdict_line=found["verdict_line"], evidence=found)
     return results, scored
 
 
+def evidence_metrics(found: dict) -> dict[str, float]:
+    """The evidence's scalars as MLflow metrics: intervals, seed counts, McNemar p range, fidelity, calibration."""
+    out = {}
+    for key in ("distilled_vs_scratch", "distilled_vs_teacher", "scratch_vs_teacher"):
+        pooled, comparison = found[key]["pooled"], found[key]
+        out |= {f"{key}/difference": pooled["difference"], f"{key}/ci_low": pooled["low"],
+                f"{key}/ci_high": pooled["high"], f"{key}/seeds_better": comparison["better"],
+                f"{key}/mcnemar_p_max": comparison["p_max"], f"{key}/mcnemar_p_min": comparison["p_min"]}
+    gap = found["gap_recovered"]
+    out |= {f"gap_recovered/{k}": gap[k] for k in ("low", "high") if gap[k] == gap[k]}  # NaN: no interval
+    for name, fid in found["fidelity"].items():
+        out |= {f"fidelity/{name}/agreement": fid["agreement"], f"fidelity/{name}/kl": fid["kl"]}
+    for name, cal in found["calibration"].items():
+        out |= {f"calibration/{name}/{k}": cal[k] for k in ("ece", "nll", "brier", "temperature", "ece_at_temperature")}
+    out["verdict_helped"] = {"helped": 1.0, "no evidence": 0.0, "hurt": -1.0}[found["verdict"]]
+    return out
+
+
 def run(cfg: Config) -> dict:
-    """Load and check every model → score and cost them → choose the seed to ship → metrics, report, MLflow."""
+    """Load and check every model → logits → score, cost, evidence → choose the seed to ship → metrics, report,
+    MLflow; the verdict is the last line of the stage's output."""
     from kdpipe import tracking
     from kdpipe.files import write_json
     from kdpipe.run.stage import start
@@ -173,10 +247,14 @@ def run(cfg: Config) -> dict:
             run.log_metrics(numbers, prefix=f"{label}/")
         if results["gap_recovered"] is not None:
             run.log_metrics({"gap_recovered": results["gap_recovered"]})
+        run.log_metrics(evidence_metrics(results["evidence"]), prefix="evidence/")
+        run.set_tags({"verdict": results["verdict"], "verdict_line": results["verdict_line"][:5000]})
         for path in sorted(report.parent.glob("*")):
             run.log_artifact(path, artifact_path="report")
         run.log_artifact(ctx.paths.metrics(STAGE))
+        run.log_artifact(ctx.paths.predictions)
     print(report.read_text().split("## ", 2)[1].strip(), file=sys.stderr)  # the headline table, in the log
+    print(f"evaluate: {results['verdict_line']}", file=sys.stderr)
     return results
 
 

@@ -124,7 +124,8 @@ def register(ctx: StageContext, models: Models, shipment: Shipment, metrics: dic
     from kdpipe.ship.registrations import register as register_versions
 
     release = Release(ctx.cfg, ctx.digest, git["git_commit"], models, shipment,
-                      chance_accuracy(ctx.prepared["val_y"]), promotion(ctx.cfg.export.promote), lineage)
+                      chance_accuracy(ctx.prepared["val_y"]), promotion(ctx.cfg.export.promote), lineage,
+                      val_split=(ctx.prepared["val_x"], ctx.prepared["val_y"]))
     return register_versions(release, ctx.prepared["test_x"], ctx.paths.teacher, int8=metrics["int8_registrable"])
 
 
