@@ -92,9 +92,40 @@ def quality(overrides: dict | None = None) -> dict:
         "seconds": {k: round(v, 1) for k, v in seconds.items()}, "total_seconds": round(sum(seconds.values()), 1),
         "machine": machine(), "params": cfg.model_dump(mode="json", exclude={"paths", "tracking"}),
     }
-    paired = [d - s for d, s in zip(result["distilled"]["values"], result["scratch"]["values"], strict=True)]
-    result["gain_points"] = {"mean": 100 * sum(paired) / len(paired), "per_seed": [100 * p for p in paired]}
+    result["evidence"] = evidence_summary(metrics["evaluate"]["evidence"])
     return result
+
+
+def evidence_summary(found: dict) -> dict:
+    """The evaluate stage's evidence as the benchmark reports it: the verdict, each paired difference with its
+    interval (points), gap recovered's interval, fidelity and calibration (kdpipe/report/findings.py)."""
+    def points(c: dict) -> dict:
+        return {k: round(100 * c[k], 3) for k in ("difference", "low", "high")}
+
+    return {"verdict": found["verdict"], "verdict_line": found["verdict_line"], "confidence": found["confidence"],
+            "test_images": found["test_images"],
+            **{key: {**points(found[key]["pooled"]), "seeds_better": found[key]["better"],
+                     "mcnemar_p": [s["mcnemar"]["p"] for s in found[key]["per_seed"]]}
+               for key in ("distilled_vs_scratch", "distilled_vs_teacher", "scratch_vs_teacher")},
+            "gap_recovered": {k: found["gap_recovered"][k] for k in ("value", "low", "high")},
+            "fidelity": {name: {k: f[k] for k in ("agreement", "kl")} for name, f in found["fidelity"].items()},
+            "calibration": {name: {k: c[k] for k in ("ece", "nll", "brier", "temperature")}
+                            for name, c in found["calibration"].items()}}
+
+
+def paired_against(predictions: dict, baseline: dict, confidence: float = 0.95) -> dict:
+    """A side's distilled students against a baseline side's on the same test images, seed paired with seed
+    (kdpipe/report/findings.compare): the difference in points with its two-level interval, seeds better."""
+    from kdpipe.evidence import correct
+    from kdpipe.report.findings import compare
+
+    labels = predictions["test_labels"]
+    found = compare(correct(predictions["test_logits_distilled"], labels),
+                    correct(baseline["test_logits_distilled"], labels),
+                    [int(s) for s in predictions["distilled_seeds"]], confidence=confidence)
+    pooled = found["pooled"]
+    return {**{k: round(100 * pooled[k], 3) for k in ("difference", "low", "high")}, "seeds_better": found["better"],
+            "mcnemar_p": [s["mcnemar"]["p"] for s in found["per_seed"]]}
 
 
 def curriculum_ablation() -> dict:
@@ -123,31 +154,45 @@ def curriculum_ablation() -> dict:
 
 # The student's augmentation for the views ablation: the teacher's own crop and flip (bench/quality.yaml).
 AUGMENTED = {"crop_padding": 2, "flip": True}
-VIEW_COUNTS = (1, 4, 8)
+VIEW_COUNTS = (4, 8, 16)
+NON_INFERIOR_POINTS = -0.3  # views are as good as live when their interval's lower bound is above this
 
 
 def views_ablation() -> dict:
     """Distill with the student augmented (crop + flip): a live teacher on every batch, then the teacher's
-    cached views (FKD) with K = 1, 4, 8 views per image; the teacher and seeds of quality()."""
+    cached views (FKD) with K = 4, 8, 16 views per image; the teacher and seeds of quality(). Each side is then
+    evaluated (its predictions.npz), and each views side compared with live on the same 10,000 test images,
+    seed paired with seed: non-inferior when the interval's lower bound is above NON_INFERIOR_POINTS."""
     import shutil
 
-    from kdpipe.stages import distill
+    from kdpipe.report.findings import load_predictions
+    from kdpipe.stages import distill, evaluate
 
     if not (WORK / "models" / "teacher.pt").is_file():
         sys.exit("bench: run the quality benchmark first (it trains the teacher this ablation reuses)")
-    result = {"dataset": "fashion_mnist", "student_augmentation": AUGMENTED, "seconds": {}}
+    result = {"dataset": "fashion_mnist", "student_augmentation": AUGMENTED, "seconds": {},
+              "non_inferior_above_points": NON_INFERIOR_POINTS}
+    predictions = {}
     for k in (0, *VIEW_COUNTS):
         label = f"views{k}" if k else "live"
         out = WORK / f"views_{label}"
         (out / "models").mkdir(parents=True, exist_ok=True)
         shutil.copy2(WORK / "models" / "teacher.pt", out / "models" / "teacher.pt")
-        cfg = bench_config({"student": AUGMENTED, "distill": {"teacher_views": k},
-                            "paths": {"models": str(out / "models"), "metrics": str(out / "metrics"),
-                                      "plots": str(out / "plots")}})
+        shutil.copytree(WORK / "models" / "scratch", out / "models" / "scratch", dirs_exist_ok=True)  # evaluate's
+        (out / "plots").mkdir(parents=True, exist_ok=True)
+        shutil.copy2(WORK / "plots" / "scratch.csv", out / "plots" / "scratch.csv")
+        paths = {"models": str(out / "models"), "metrics": str(out / "metrics"), "plots": str(out / "plots"),
+                 "reports": str(out / "reports")}
+        cfg = bench_config({"student": AUGMENTED, "distill": {"teacher_views": k}, "paths": paths})
         _, result["seconds"][label] = timed(f"distill, {label}", distill.run, cfg)
+        timed(f"evaluate, {label}", evaluate.run, cfg)
         metrics = json.loads((out / "metrics" / "distill.json").read_text())
+        predictions[label] = load_predictions(out / "models" / "predictions.npz")
         result[label] = {**stats(metrics), "views_seconds": metrics.get("views_seconds", 0.0),
                          "precision": metrics["precision"]}
+        if k:
+            vs = paired_against(predictions[label], predictions["live"])
+            result[label]["minus_live_points"] = {**vs, "non_inferior": vs["low"] > NON_INFERIOR_POINTS}
     result["machine"] = machine()
     return result
 
