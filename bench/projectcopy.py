@@ -17,7 +17,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PROJECT_FILES = ("kdpipe", "flows", "dvc.yaml", "params.yaml", "prefect.yaml", "pyproject.toml", "data/raw/README.md",
-                 ".dvc/config", ".dvc/offline_plots", ".dvcignore", ".gitignore")
+                 ".dvc/config", ".dvc/.gitignore", ".dvc/offline_plots", ".dvcignore", ".gitignore")
 
 
 def cpu_name() -> str:

@@ -146,10 +146,41 @@ def remote_url(root: Path, env: dict[str, str], name: str) -> str:
     return out.stdout.strip() or "?"
 
 
-def pull_args(stages: list[str] | None) -> list[str]:
+# The one-machine default: `make deploy` in a checkout with no DVC remote adds this one, a folder outside the
+# checkout, to .dvc/config.local (a path on one machine means nothing on another, so never to the committed
+# .dvc/config); the deployments hand its location to their runs' clones in REMOTE_ENV (flows/source.py).
+EMBEDDED_REMOTE = "kdpipe-local"
+REMOTE_ENV = "KDPIPE_DVC_REMOTE"
+
+
+def project_default_remote(root: Path, env: dict[str, str]) -> str | None:
+    """The default remote of the committed .dvc/config alone (what every clone has), or None."""
+    out = subprocess.run([dvc(), "config", "--project", "core.remote"], cwd=root, env=env, capture_output=True,
+                         text=True)
+    return out.stdout.strip() or None
+
+
+def is_folder(url: str) -> bool:
+    """A remote given as a path (no scheme such as s3:// or ssh://): DVC's local-folder remote."""
+    return "://" not in url
+
+
+def add_local_remote(root: Path, env: dict[str, str], url: str, name: str = EMBEDDED_REMOTE) -> str:
+    """`dvc remote add --local --default --force name url`: this checkout's default remote, in .dvc/config.local
+    only; `name`, or RuntimeError with DVC's last line."""
+    out = subprocess.run([dvc(), "remote", "add", "--local", "--default", "--force", name, url], cwd=root, env=env,
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"dvc remote add --local {name} {url} failed: {(out.stderr or out.stdout).strip()}")
+    return name
+
+
+def pull_args(stages: list[str] | None, allow_missing: bool = False) -> list[str]:
     """`dvc pull` of what the run needs: the stages' outputs and their upstream's, or every output in dvc.lock.
-    No --allow-missing: with it, an unreachable remote reads as "missing" and the run silently retrains."""
-    return ["pull", "--with-deps", *stages] if stages else ["pull"]
+    No --allow-missing by default: with it, an unreachable remote reads as "missing" and the run silently
+    retrains. `allow_missing` is for a remote that cannot be unreachable (an existing folder on this machine)."""
+    args = ["pull", "--with-deps", *stages] if stages else ["pull"]
+    return [*args, "--allow-missing"] if allow_missing else args
 
 
 def error_summary(lines: list[str]) -> str:

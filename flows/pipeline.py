@@ -127,19 +127,37 @@ def run_experiment(name: str, overrides: dict[str, Any], stages: list[str] | Non
 
 
 def require_remote(root: Path, env: dict[str, str], why: str) -> str:
-    """The default DVC remote's name; without one, fail before any work, saying how to set one."""
+    """The default DVC remote's name; without one, the remote `make deploy` handed the deployments in
+    KDPIPE_DVC_REMOTE (the checkout's own, in its .dvc/config.local, which a clone lacks), added to this
+    checkout's .dvc/config.local; else fail before any work, saying how to set one. A folder that is not on
+    this machine fails in one line too: that remote cannot serve a worker elsewhere."""
     remote = _dvc.default_remote(root, env)
+    handed = os.environ.get(_dvc.REMOTE_ENV, "").strip()
+    if remote is None and handed:
+        if _dvc.is_folder(handed) and not Path(handed).is_dir():
+            raise ValueError(f"{why}: the DVC remote {handed} ({_dvc.REMOTE_ENV}, a folder on the machine that ran "
+                             f"make deploy) is not a folder on {socket.gethostname()}; for workers on other "
+                             "machines set a shared remote (`make remote REMOTE=<url>`, commit .dvc/config) and "
+                             "run make deploy again")
+        remote = _dvc.add_local_remote(root, env, handed)
     if remote is None:
         raise ValueError(f"{why}: no default DVC remote in {root / '.dvc/config'}; "
                           "set one with `make remote REMOTE=<url or path>` (or `dvc remote add -d NAME URL`)")
     return remote
 
 
+def can_miss(remote: str, root: Path, env: dict[str, str]) -> bool:
+    """Outputs missing from `remote` were never pushed, rather than unreachable: the folder `make deploy` made
+    (kdpipe-local) and it exists here. Its first nightly finds it empty and builds what it lacks."""
+    url = _dvc.remote_url(root, env, remote)
+    return remote == _dvc.EMBEDDED_REMOTE and _dvc.is_folder(url) and (root / ".dvc" / url).is_dir()
+
+
 @task(name="dvc pull", task_run_name="dvc pull", cache_policy=NO_CACHE)
 def dvc_pull(stages: list[str] | None, remote: str, root: Path, env: dict[str, str]) -> None:
     """Restore, from the default DVC remote, the outputs that dvc.lock names for `stages` and their upstream
     (default all): stages whose outputs come back are then up to date. I/O, so this step retries too."""
-    out = _dvc.run(_dvc.pull_args(stages), root, env, stage_logger("pull").info)
+    out = _dvc.run(_dvc.pull_args(stages, can_miss(remote, root, env)), root, env, stage_logger("pull").info)
     if out.returncode != 0:
         url = _dvc.remote_url(root, env, remote)
         raise StageFailed(f"dvc pull from remote '{remote}' ({url}) failed: {_dvc.error_summary(out.lines)}")

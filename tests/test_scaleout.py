@@ -45,7 +45,10 @@ def step(steps: list[dict], kind: str) -> dict:
 def test_every_deployment_clones_the_repository_at_the_ref_read_when_deploying():
     spec = prefect_file("prefect.yaml")
     built = {s[SHELL]["id"]: s[SHELL]["script"] for s in spec["build"]}
-    assert built == {"repository": "python -m flows.source repository", "ref": "python -m flows.source ref"}
+    assert built == {"repository": "python -m flows.source repository", "ref": "python -m flows.source ref",
+                     "dvc_remote": "python -m flows.source dvc-remote"}
+    env = spec["definitions"]["work_pool"]["job_variables"]["env"]
+    assert env["KDPIPE_DVC_REMOTE"] == "{{ dvc_remote.stdout }}"  # a remote only .dvc/config.local names
     clone = step(spec["pull"], GIT_CLONE)
     assert (clone["repository"], clone["branch"]) == ("{{ repository.stdout }}", "{{ ref.stdout }}")
     assert step(spec["pull"], SET_CWD)["directory"] == "{{ " + clone["id"] + ".directory }}"
@@ -134,8 +137,7 @@ def test_source_reads_origin_and_branch_and_refuses_what_workers_cannot_clone(tm
     monkeypatch.chdir(tmp_path)
     git(tmp_path, "init", "-q", "-b", "trunk")
     git(tmp_path, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "x")
-    with pytest.raises(SystemExit, match="git remote 'origin'"):
-        source.repository()
+    assert source.repository() == tmp_path.resolve().as_uri()  # no origin: workers on this machine clone it
     git(tmp_path, "remote", "add", "origin", "https://example.invalid/team/kdpipe.git")
     assert (source.repository(), source.ref()) == ("https://example.invalid/team/kdpipe.git", "trunk")
     git(tmp_path, "checkout", "-q", "--detach")
@@ -144,6 +146,10 @@ def test_source_reads_origin_and_branch_and_refuses_what_workers_cannot_clone(tm
     monkeypatch.setenv("KDPIPE_GIT_URL", "file:///srv/kdpipe.git")
     monkeypatch.setenv("KDPIPE_GIT_REF", "v1.0")
     assert (source.repository(), source.ref()) == ("file:///srv/kdpipe.git", "v1.0")
+    monkeypatch.delenv("KDPIPE_GIT_URL")
+    (tmp_path / ".git").rename(tmp_path / "not-git")  # no git repository here (nor above tmp_path)
+    with pytest.raises(SystemExit, match="not in a git repository"):
+        source.repository()
 
 
 # ---------------------------------------------------------------- make remote, make worker
