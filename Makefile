@@ -117,10 +117,13 @@ bench-speed: venv
 	python bench/overhead.py
 	python bench/memory.py
 
-# Prefect (flows/, prefect.yaml) and DVC remotes. Once per repository: `make remote REMOTE=<url or folder>`, commit
-# .dvc/config. `make prefect-server` in one terminal, then, with the same PREFECT_API_URL everywhere:
+# Prefect (flows/, prefect.yaml) and DVC remotes. `make prefect-server` in one terminal, then, with the same
+# PREFECT_API_URL everywhere:
 #   export PREFECT_API_URL=http://127.0.0.1:4200/api; make deploy     # registers; workers clone origin's branch
 #   make worker                     # on each machine that should run flows (LIMIT=1 runs at once by default)
+# On one machine that is all: with no DVC remote, make deploy adds a folder outside the checkout as this checkout's
+# remote (.dvc/config.local; KDPIPE_DVC_REMOTE picks the folder) and, with no git `origin`, workers clone this
+# checkout. For workers on other machines, once per repository: `make remote REMOTE=<url>`, commit .dvc/config.
 .PHONY: prefect-server deploy bench-flow remote worker
 
 prefect-server: venv
