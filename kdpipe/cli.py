@@ -82,7 +82,8 @@ def resolve(uri: str, tracking_uri: str | None) -> int:
     try:
         version = resolve_uri(uri, tracking_uri or default_tracking_uri())
     except RegistryError as e:
-        print(f"kdpipe resolve: {e}", file=sys.stderr)
+        hint = f"; serve it with make serve ALIAS={e.instead}" if e.instead else ""
+        print(f"kdpipe resolve: {e}{hint}", file=sys.stderr)
         return EXIT_USER_ERROR
     print(f"{uri}: {version.name} v{version.version}")
     return 0

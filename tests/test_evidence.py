@@ -248,13 +248,14 @@ def test_no_champion_says_why_in_one_line_and_how_to_serve_the_candidate(tmp_pat
     version = client.create_model_version("kdpipe-student", source=str(tmp_path), tags={
         "promotion_reason": "validation accuracy 0.9852 does not beat the scratch baseline's 0.9889"})
     client.set_registered_model_alias("kdpipe-student", "candidate", version.version)
+    capsys.readouterr()  # the store's creation logs
     assert cli.main(["resolve", "models:/kdpipe-student@champion", "--tracking-uri", uri]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "does not beat the scratch baseline" in err
     assert "make serve ALIAS=candidate" in err and "v1 (candidate)" in err
     assert cli.main(["resolve", "models:/kdpipe-student@candidate", "--tracking-uri", uri]) == 0
     assert capsys.readouterr().out.strip() == "models:/kdpipe-student@candidate: kdpipe-student v1"
-    with pytest.raises(predict.PredictError, match="make serve ALIAS=candidate"):
+    with pytest.raises(predict.PredictError, match="models:/kdpipe-student@candidate names it"):
         predict.model_path("models:/kdpipe-student@champion", uri, tmp_path / "dl")
 
 

@@ -220,7 +220,8 @@ def test_gate_moves_aliases_in_a_registry(tmp_path):
         return gate.apply_gate(c, "m", v.version)
 
     assert new(0.90) == {"version": "1", "aliases": ["candidate", "champion"], "champion": True,
-                         "previous_champion": None, "reason": "no champion yet"}
+                         "previous_champion": None, "reason": "no champion yet",
+                         "champion_evidence": None}
     worse = new(0.85)
     assert worse["aliases"] == ["candidate"] and not worse["champion"]
     assert str(c.get_model_version_by_alias("m", "champion").version) == "1"

@@ -19,7 +19,12 @@ _URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>
 
 
 class RegistryError(Exception):
-    """A registry lookup that failed: the message is one line naming the URI and what is missing."""
+    """A registry lookup that failed: the message is one line naming the URI and what is missing. `instead`: for
+    an alias no version holds, the alias of the latest version (e.g. candidate), what a caller may offer."""
+
+    def __init__(self, message: str, instead: str | None = None):
+        super().__init__(message)
+        self.instead = instead
 
 
 def mlflow_module():
@@ -73,7 +78,7 @@ def resolve(uri: str, tracking_uri: str):
             try:
                 return client.get_model_version_by_alias(name, alias)
             except MlflowException:
-                raise RegistryError(missing_alias(client, name, alias, uri, tracking_uri)) from None
+                raise RegistryError(*missing_alias(client, name, alias, uri, tracking_uri)) from None
         if version == "latest":
             versions = client.search_model_versions(f"name = '{name}'")
             if not versions:
@@ -85,9 +90,9 @@ def resolve(uri: str, tracking_uri: str):
         raise RegistryError(f"{uri}: not found in the registry at {tracking_uri} ({first})") from None
 
 
-def missing_alias(client, name: str, alias: str, uri: str, tracking_uri: str) -> str:
-    """Why no version holds `alias`, in one line: the latest version's aliases and its promotion_reason tag (the
-    gate's reason for not crowning it), and what to use instead."""
+def missing_alias(client, name: str, alias: str, uri: str, tracking_uri: str) -> tuple[str, str | None]:
+    """(one line saying why no version holds `alias`, the latest version's other alias or None): the latest
+    version's aliases and its promotion_reason tag (the gate's reason for not crowning it), and what names it."""
     from mlflow.exceptions import MlflowException
 
     try:
@@ -95,15 +100,14 @@ def missing_alias(client, name: str, alias: str, uri: str, tracking_uri: str) ->
     except MlflowException:
         versions = []
     if not versions:
-        return f"{uri}: registered model {name!r} has no versions in the registry at {tracking_uri}; run the pipeline first"
+        return f"{uri}: not found: registered model {name!r} has no versions in the registry at {tracking_uri}", None
     latest = max(versions, key=lambda v: int(v.version))
     held = sorted(a for a, v in client.get_registered_model(name).aliases.items() if str(v) == str(latest.version))
     why = latest.tags.get("promotion_reason", "no reason recorded")
     instead = next((a for a in ("candidate", "champion") if a in held and a != alias), None)
-    serve = (f"; serve it with models:/{name}@{instead} (make serve ALIAS={instead})" if instead
-             else f"; use models:/{name}/{latest.version}")
-    return (f"{uri}: no version of {name!r} holds alias {alias!r}; the latest, v{latest.version} "
-            f"({', '.join(held) or 'no alias'}), was not crowned: {why}{serve}")
+    names = f"models:/{name}@{instead}" if instead else f"models:/{name}/{latest.version}"
+    return (f"{uri}: not found: no version of {name!r} holds alias {alias!r} (registry {tracking_uri}); the latest, "
+            f"v{latest.version} ({', '.join(held) or 'no alias'}), was not crowned: {why}; {names} names it"), instead
 
 
 def download_teacher_checkpoint(uri: str, tracking_uri: str, dst: str | Path) -> Path:
