@@ -40,7 +40,9 @@ def checkout(tmp_path: Path) -> Path:
 def deploy_env(root: Path, **extra: str) -> dict[str, str]:
     """make deploy's environment: the venv first on PATH, the user's cache (where the one-machine remote goes)
     under the test's folder, a fresh PREFECT_HOME; `extra` on top."""
-    env = {k: v for k, v in os.environ.items() if k not in (_dvc.REMOTE_ENV, "KDPIPE_GIT_URL", "MLFLOW_TRACKING_URI")}
+    # Not the outer make's variables either: under `make test` (MAKELEVEL 1) make prints "Entering directory".
+    unset = (_dvc.REMOTE_ENV, "KDPIPE_GIT_URL", "MLFLOW_TRACKING_URI", "MAKELEVEL", "MAKEFLAGS", "MFLAGS")
+    env = {k: v for k, v in os.environ.items() if k not in unset}
     return {**env, "PATH": f"{BIN}{os.pathsep}{env['PATH']}", "PREFECT_HOME": str(root / ".prefect"),
             "XDG_CACHE_HOME": str(root.parent / "cache"), **extra}
 
