@@ -295,7 +295,7 @@ def expected_files() -> dict[str, dict[str, list[Path]]]:
                     **own("distill")},
         "evaluate": {"deps": [p.dataset, p.teacher, *students("scratch"), *students("distill"),
                               p.curves("scratch"), p.curves("distill")],
-                     "outs": [p.reports("evaluate")], **own("evaluate", curves=False)},
+                     "outs": [p.predictions, p.reports("evaluate")], **own("evaluate", curves=False)},
         "export": {"deps": [p.dataset, p.teacher, *students("scratch"), *students("distill"),
                             p.metrics("evaluate"), p.metrics("distill")],
                    "outs": [p.onnx("teacher"), p.onnx("student"), p.onnx("int8"), p.reports("export")],

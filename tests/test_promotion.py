@@ -94,7 +94,7 @@ def test_a_candidate_better_by_noise_only_keeps_the_champion_under_the_evidence_
     asked = []
     version = c.create_model_version("m", source=str(tmp_path), tags={"val_accuracy": "0.9037", "dataset_digest": "d1"})
     result = gate.apply_gate(c, "m", version.version, rule="evidence",
-                             compare=lambda champ: asked.append(champ.version) or by_noise)
+                             compare=lambda champ: asked.append(str(champ.version)) or by_noise)
     assert asked == ["1"] and not result["champion"] and result["champion_evidence"] == by_noise
     tags = c.get_model_version("m", "2").tags
     assert tags["compared_with_champion"] == "1" and tags["champion_val_ci_low"] == "-0.007400"
