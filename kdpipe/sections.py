@@ -41,6 +41,9 @@ class ExportConfig(_Section):
     # evidence: champion moves only to a version better beyond noise (paired interval above 0), and a version
     # is refused for losing to scratch only when it loses beyond noise; point: compare the two accuracies
     promote_rule: Literal["evidence", "point"] = "evidence"
+    # true: the shipped student's logits divided by the temperature evaluate fitted on validation (calibration;
+    # argmax, so accuracy and the gate, unchanged); false: exported as trained, the temperature only reported
+    temperature_scale: bool = False
 
 
 class TrackingConfig(_Section):

@@ -268,3 +268,46 @@ def test_the_end_of_make_run_says_whether_a_champion_was_crowned():
     kept = {"registry": {"student": {"version": "4", "champion": False, "reason": "not better beyond noise"}}}
     assert "no new champion" in outcome_line(kept, "kdpipe-student")
     assert outcome_line(kept, "kdpipe-student").endswith("make serve ALIAS=candidate")
+
+
+def test_temperature_scale_divides_the_shipped_logits_and_keeps_the_argmax(tiny_pipeline, tmp_path, monkeypatch):
+    """export.temperature_scale: true exports the shipped seed with logits / T, T the one evaluate fitted on
+    validation for that seed; the file says T in its metadata, and its predictions are the unscaled model's."""
+    import json
+    import shutil
+
+    import onnxruntime
+    from conftest import tiny_pipeline_params
+
+    from kdpipe import config
+    from kdpipe.ship.onnx_export import read_metadata
+    from kdpipe.stages import export
+
+    work = tiny_pipeline.work
+    for folder in ("models", "metrics"):
+        shutil.copytree(work / folder, tmp_path / folder, ignore=shutil.ignore_patterns("*.onnx"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    params = tiny_pipeline_params(tmp_path)
+    params["paths"]["prepared"] = str(work / "data/prepared")
+    params["export"].update(int8=False, registry=False, temperature_scale=True)
+    export.run(config.from_dict(params))
+    evaluated = json.loads((work / "metrics/evaluate.json").read_text())
+    row = evaluated["evidence"]["seeds"].index(evaluated["shipped"]["seed"])
+    t = evaluated["evidence"]["calibration"]["distilled"]["per_seed"][row]["temperature"]
+    assert float(read_metadata(tmp_path / "models/student.onnx")["temperature"]) == pytest.approx(t, rel=1e-5)
+    x = np.random.default_rng(0).random((16, *evaluated_shape(work)), dtype=np.float32)
+
+    def run(path):
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return session.run(None, {session.get_inputs()[0].name: x})[0]
+
+    scaled, plain = run(tmp_path / "models/student.onnx"), run(work / "models/student.onnx")
+    assert t != pytest.approx(1.0) and np.allclose(scaled, plain / t, atol=1e-4)
+    assert (scaled.argmax(1) == plain.argmax(1)).all()
+
+
+def evaluated_shape(work) -> tuple[int, int, int]:
+    import json
+
+    return tuple(json.loads((work / "data/prepared/meta.json").read_text())["image_shape"])

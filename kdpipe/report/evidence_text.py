@@ -80,7 +80,7 @@ def calibration_table(calibration: dict) -> str:
         rows.append(markdown_row([name.replace("_", " "), f"{c['ece'] * 100:.2f} %", f"{c['nll']:.4f}",
                                   f"{c['brier']:.4f}", f"{c['temperature']:.3f}", f"{c['ece_at_temperature'] * 100:.2f} %"]))
     return ("Guo et al. 2017, on test: ECE over equal-width confidence bins, NLL, Brier score; the temperature "
-            "is reported, not applied to any exported model.\n\n" + "\n".join(rows))
+            "is reported, and applied to the shipped student only with `export.temperature_scale: true`.\n\n" + "\n".join(rows))
 
 
 def per_class_text(per_class: dict) -> str:

@@ -45,6 +45,25 @@ class Models:
         return str(self.teacher_ckpt.get("params", {}).get("teacher", {}).get("source", "unknown"))
 
 
+def TemperatureScaled(model: nn.Module, temperature: float) -> nn.Module:  # noqa: N802 - a class factory
+    """`model` with its logits divided by `temperature` (temperature scaling, Guo et al. 2017): the same argmax,
+    better calibrated probabilities. Keeps the Classifier's name, channels and classes, so it exports like one;
+    torch is imported here, as everywhere in this module, only when it is used."""
+    import torch
+
+    class Scaled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+            self.name, self.in_channels, self.num_classes = model.name, model.in_channels, model.num_classes
+            self.temperature = float(temperature)
+
+        def forward(self, x):
+            return self.model(x) / self.temperature
+
+    return Scaled()
+
+
 @dataclass(frozen=True)
 class Latency:
     """onnxruntime CPU milliseconds per session.run on a whole batch (not per image), median after warm-up."""
@@ -159,7 +178,8 @@ def export_checked(cfg: Config, prepared: dict, models: Models, paths: Paths, fo
     roles = {"teacher": (models.teacher, models.teacher_ckpt, {"teacher_source": models.teacher_source}),
              "student": (models.student, models.student_ckpt, {"student_seed": models.seed,
                                                                "method": cfg.distill.method,
-                                                               "teacher": models.teacher.name})}
+                                                               "teacher": models.teacher.name,
+                                                               **temperature_of(models.student)})}
     exported = {}
     for role, (model, ckpt, extra) in roles.items():
         meta = provenance(cfg, prepared, model, ckpt, role, git, extra)
@@ -169,6 +189,11 @@ def export_checked(cfg: Config, prepared: dict, models: Models, paths: Paths, fo
                          min_agreement=cfg.export.parity_min_agreement)
         exported[role] = Exported(role, path, checked, meta["params_hash"])
     return exported
+
+
+def temperature_of(model) -> dict[str, str]:
+    """{"temperature": T} for a TemperatureScaled student (ONNX metadata: its logits are divided by T), else {}."""
+    return {"temperature": f"{model.temperature:.6f}"} if hasattr(model, "temperature") else {}
 
 
 def parity_metrics(exported: dict[str, Exported]) -> dict[str, float]:

@@ -77,7 +77,17 @@ def load_inputs(ctx: StageContext) -> tuple[Models, dict]:
     teacher, teacher_ckpt = load_trained(paths.teacher, digest, stage="teacher")
     student, student_ckpt = load_trained(paths.student("distill", seed), digest, stage="distill")
     scratch, _ = load_trained(paths.student("scratch", seed), digest, stage="scratch")
+    if ctx.cfg.export.temperature_scale:
+        from kdpipe.ship.shipping import TemperatureScaled
+
+        student = TemperatureScaled(student, shipped_temperature(evaluated, seed))
     return Models(teacher, teacher_ckpt, student, student_ckpt, scratch, seed), evaluated
+
+
+def shipped_temperature(evaluated: dict, seed: int) -> float:
+    """The temperature evaluate fitted on validation for distilled seed `seed` (its calibration evidence)."""
+    calibration = evaluated["evidence"]["calibration"]["distilled"]
+    return calibration["per_seed"][evaluated["evidence"]["seeds"].index(seed)]["temperature"]
 
 
 def read_evaluated(ctx: StageContext) -> dict:
