@@ -7,7 +7,9 @@ teacher → scratch once, each as its own process as DVC runs them, then distill
 `teacher_views: 0` (live: the teacher labels every batch the student sees) and with each K of `--views`
 (the default student augments, crop_padding 1, and kd reads only logits, so views apply). Writes
 bench/results/views_default.json: per precision and side, the distilled students' test accuracy per seed,
-mean ± std, the distill stage's wall seconds and what the teacher side was (`teacher_outputs`).
+mean ± std, the distill stage's wall seconds, what the teacher side was (`teacher_outputs`), and, for each views
+side, the paired difference from live on the same test images with its two-level 95 % interval (each side is
+evaluated by the real evaluate stage, whose predictions.npz holds the logits).
 
     python bench/views_default.py            # ~4 min on 2 cores; bench/results/views_default.json
     python bench/views_default.py --small --views 2 --out /tmp/v.json        # a smoke run (tiny training)
@@ -60,6 +62,27 @@ def side_result(root: Path, seconds: float) -> dict:
             "teacher_outputs": m["teacher_outputs"], "precision": m["precision"], "distill_seconds": seconds}
 
 
+def predictions(root: Path) -> dict:
+    """The side's models/predictions.npz (the evaluate stage's), read into memory before the next side."""
+    from kdpipe.report.findings import load_predictions
+
+    return load_predictions(root / "models" / "predictions.npz")
+
+
+def against_live(side: dict, live: dict) -> dict:
+    """A side's distilled students minus live's on the same test images, seed paired with seed: the difference
+    in points with its two-level 95 % interval (kdpipe/report/findings.compare), seeds better, McNemar p."""
+    from kdpipe.evidence import correct
+    from kdpipe.report.findings import compare
+
+    labels = side["test_labels"]
+    found = compare(correct(side["test_logits_distilled"], labels), correct(live["test_logits_distilled"], labels),
+                    [int(s) for s in side["distilled_seeds"]])
+    pooled = found["pooled"]
+    return {**{k: round(100 * pooled[k], 3) for k in ("difference", "low", "high")}, "seeds_better": found["better"],
+            "seeds_worse": found["worse"], "mcnemar_p": [s["mcnemar"]["p"] for s in found["per_seed"]]}
+
+
 def precision_result(precision: str, args, env: dict[str, str]) -> dict:
     with tempfile.TemporaryDirectory(prefix="kdpipe-views-") as tmp:
         root = copy_project(Path(tmp) / "repo")
@@ -71,9 +94,15 @@ def precision_result(precision: str, args, env: dict[str, str]) -> dict:
         out = {"teacher_test_accuracy": teacher["test_accuracy"],
                "scratch": {"test_accuracy_mean": scratch["test_accuracy"],
                            "test_accuracy_std": scratch["test_accuracy_std"]}}
+        live = None
         for side, views in sides(args.views).items():
             write_params(root, precision, views, args.small)
             out[side] = side_result(root, stage(root, "distill", env))
+            stage(root, "evaluate", env)  # the side's predictions.npz: paired comparisons with live
+            if live is None:
+                live = predictions(root)
+            else:
+                out[side]["minus_live_points"] = against_live(predictions(root), live)
     return out
 
 
@@ -109,8 +138,10 @@ def main() -> int:
     for p in PRECISIONS:
         for side in sides(args.views):
             r = result[p][side]
+            vs = r.get("minus_live_points")
+            paired = f"  vs live {vs['difference']:+.2f} ({vs['low']:+.2f} to {vs['high']:+.2f})" if vs else ""
             print(f"{p} {side:<5} {r['teacher_outputs']:<7} {100 * r['test_accuracy_mean']:.2f} ± "
-                  f"{100 * r['test_accuracy_std']:.2f} %  ({r['distill_seconds']} s)")
+                  f"{100 * r['test_accuracy_std']:.2f} %  ({r['distill_seconds']} s){paired}")
     print(f"wrote {out}", file=sys.stderr)
     return 0
 

@@ -311,3 +311,13 @@ def evaluated_shape(work) -> tuple[int, int, int]:
     import json
 
     return tuple(json.loads((work / "data/prepared/meta.json").read_text())["image_shape"])
+
+
+def test_a_seed_reads_as_helped_only_when_the_interval_and_mcnemar_agree():
+    """Digits' shipped seed: 9 images only distilled got right, 2 only scratch; the percentile interval excludes
+    0 (+0.28 to +3.90) but the exact test gives p = 0.065: no evidence, the stricter reading."""
+    row = {"difference": 0.0195, "low": 0.0028, "high": 0.039, "confidence": 0.95,
+           "mcnemar": {"a_only": 9, "b_only": 2, "p": stats.binomtest(9, 11, 0.5).pvalue}}
+    assert E.direction(row) == "helped" and F.seed_direction(row) == "no evidence"
+    row["mcnemar"]["p"] = 0.01
+    assert F.seed_direction(row) == "helped"

@@ -4,6 +4,7 @@ intervals, gap recovered, fidelity to the teacher, calibration and the per-class
 from __future__ import annotations
 
 from kdpipe.evidence import direction, interval_text, points
+from kdpipe.report.findings import seed_direction
 from kdpipe.report.markdown import markdown_row
 
 COMPARISONS = {"distilled_vs_scratch": "distilled − scratch", "distilled_vs_teacher": "distilled − teacher",
@@ -17,7 +18,7 @@ def evidence_sections(found: dict) -> dict[str, str]:
            f"from {found['bootstrap_samples']:,} bootstrap replicates (seed {found['bootstrap_seed']}) that "
            "resample seeds and images together (two-level), so seed variance is inside the interval; per seed, "
            "the same over images, and the exact McNemar test on the images one model gets right and the other "
-           f"wrong. One test image is {100 / found['test_images']:.2f} points.")
+           f"wrong (a seed reads as helped or hurt only when both agree). One test image is {100 / found['test_images']:.2f} points.")
     return {"Did distillation help? Paired comparisons": how + "\n\n" + comparisons_table(found),
             "Per seed": per_seed_table(found),
             "Gap recovered": gap_text(found["gap_recovered"]),
@@ -48,7 +49,7 @@ def per_seed_table(found: dict) -> str:
         mark = " (shipped)" if s["seed"] == found["shipped_seed"]["seed"] else ""
         rows.append(markdown_row([f"{s['seed']}{mark}", interval_text(s),
                                   f"{s['mcnemar']['a_only']} / {s['mcnemar']['b_only']}", f"{s['mcnemar']['p']:.2g}",
-                                  direction(s)]))
+                                  seed_direction(s)]))
     return "\n".join(rows)
 
 
@@ -57,8 +58,11 @@ def gap_text(gap: dict) -> str:
     if gap["value"] is None:
         return "Undefined: teacher and scratch score the same on test."
     undefined = f"; {gap['undefined']} replicates had no gap and were left out" if gap["undefined"] else ""
-    return (f"{gap['value'] * 100:.1f} % of the teacher–scratch gap ({round(gap['confidence'] * 100)} % CI "
-            f"{gap['low'] * 100:.1f} % to {gap['high'] * 100:.1f} %, same draws as above{undefined}). A ratio of two "
+    def pct(x: float) -> str:
+        return f"{x * 100:.1f}".replace("-", "−")
+
+    return (f"{pct(gap['value'])} % of the teacher–scratch gap ({round(gap['confidence'] * 100)} % CI "
+            f"{pct(gap['low'])} % to {pct(gap['high'])} %, same draws as above{undefined}). A ratio of two "
             "noisy differences: read its interval, not its value.")
 
 
