@@ -118,11 +118,14 @@ class TinyPipeline:
 
 def tiny_pipeline_params(work: Path) -> dict:
     """2 epochs; a small_cnn teacher and two tiny_cnn students, batch 32 (~40 steps an epoch: models well
-    above chance); short export measurements; every path and the sqlite store inside `work`."""
+    above chance); short export measurements; every path and the sqlite store inside `work`. The int8 model is
+    always registered (limit 1.0): whether a tiny student's int8 loses more than 0.01 of validation (1 image of
+    270 is 0.0037) depends on the CPU's kernels; under CPU_PROFILE=avx2 it did and test_lineage's int8 checks
+    found no int8 version (issue 33). The rule itself is checked in test_export_stage."""
     params = tiny_params(work)
     params["teacher"].update(batch_size=32)
     params["student"].update(model="tiny_cnn", seeds=SEEDS, batch_size=32)
-    params["export"].update(latency_repeats=3, calibration_images=64)
+    params["export"].update(latency_repeats=3, calibration_images=64, int8_max_accuracy_drop=1.0)
     return params
 
 

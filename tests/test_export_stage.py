@@ -166,8 +166,10 @@ def test_int8_artifact_and_metrics(done):
     assert (work / "models/int8/student.int8.onnx").stat().st_size < (work / "models/student.onnx").stat().st_size
     assert 0 <= m["int8_accuracy"] <= 1 and m["int8_latency_ms_b1"] > 0 and m["int8_latency_ms_b64"] > 0
     assert m["int8_accuracy_drop"] == pytest.approx(m["student_onnx_accuracy"] - m["int8_accuracy"])
-    registered = m["int8_accuracy_drop"] <= cfg.export.int8_max_accuracy_drop
-    assert (m["int8_registered_version"] is not None) == registered
+    # Registered on the validation drop (export.int8_max_accuracy_drop), not the test drop above: the two fall on
+    # the same side of the limit on some CPUs and not on others (CPU_PROFILE=avx2, issue 33).
+    registered = m["int8_val_accuracy_drop"] <= cfg.export.int8_max_accuracy_drop
+    assert m["int8_registrable"] == registered and (m["int8_registered_version"] is not None) == registered
     assert bool(versions(cfg, f"{STUDENT}-int8")) == registered
 
 

@@ -45,7 +45,10 @@ def run_stage(stage: str, params: Path, uri: str) -> subprocess.CompletedProcess
 
 def test_every_stage_and_the_registry_through_a_tracking_server(tiny_pipeline, tmp_path):
     work = tmp_path / "work"
-    params = tiny_pipeline.params_with(student__seeds=[0])
+    # The point rule, whose floor is the plain comparison checked below. Under the evidence rule (the default)
+    # a student 2.96 points below scratch "within noise" was crowned under CPU_PROFILE=avx2 (issue 33): what the
+    # rule decides depends on the trained figures; that the registry records it is what this test checks.
+    params = tiny_pipeline.params_with(student__seeds=[0], export__promote_rule="point")
     params["paths"] = {key: str(work / value) for key, value in
                        {"raw": "data/raw", "downloads": "data/downloads", "prepared": "data/prepared",
                         "models": "models", "metrics": "metrics", "plots": "plots", "reports": "reports",
