@@ -229,7 +229,8 @@ def test_evaluate_keeps_predictions_and_gives_the_same_evidence_twice(tiny_pipel
     for folder in ("models", "plots"):
         shutil.copytree(work / folder, tmp_path / folder, ignore=shutil.ignore_patterns("*.onnx", "predictions.npz"))
     monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "unset")  # recorded, so whatever the stage sets is undone after
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
     params = tiny_pipeline_params(tmp_path)
     params["paths"]["prepared"] = str(work / "data/prepared")
     again = evaluate.run(config.from_dict(params))
@@ -287,7 +288,8 @@ def test_temperature_scale_divides_the_shipped_logits_and_keeps_the_argmax(tiny_
     for folder in ("models", "metrics"):
         shutil.copytree(work / folder, tmp_path / folder, ignore=shutil.ignore_patterns("*.onnx"))
     monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "unset")  # recorded, so whatever the stage sets is undone after
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
     params = tiny_pipeline_params(tmp_path)
     params["paths"]["prepared"] = str(work / "data/prepared")
     params["export"].update(int8=False, registry=False, temperature_scale=True)

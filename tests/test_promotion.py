@@ -131,7 +131,8 @@ def test_an_experiment_export_leaves_champion_where_it_was(tiny_pipeline, tmp_pa
     for folder in ("models", "metrics"):
         shutil.copytree(work / folder, tmp_path / folder, ignore=shutil.ignore_patterns("*.onnx"))
     monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "unset")  # recorded, so whatever the stage sets is undone after
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
     monkeypatch.delenv("DVC_EXP_NAME", raising=False)
     params = tiny_pipeline_params(tmp_path)
     params["paths"]["prepared"] = str(work / "data/prepared")

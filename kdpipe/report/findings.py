@@ -138,8 +138,9 @@ def evaluate_evidence(predictions: dict[str, np.ndarray], shipped: int, *, sampl
                       seed: int = 0, confidence: float = CONFIDENCE, bins: int = ECE_BINS) -> dict:
     """Every figure of the evaluate stage's evidence from its predictions (load_predictions' dict): paired
     comparisons, gap recovered's interval, fidelity, calibration, per-class changes and the verdict for the
-    `shipped` distilled seed. The teacher is the model the students learned from ("teacher", an ensemble's
-    average when there is one)."""
+    `shipped` distilled seed. The comparisons and gap recovered are against the "teacher" row (with
+    teacher.ensemble > 1, the first member, as evaluate.json's gap_recovered); fidelity is to the model that
+    taught ("teacher_ensemble" when there is one)."""
     labels, classes = predictions["test_labels"], [str(c) for c in predictions["classes"]]
     seeds = [int(s) for s in predictions["distilled_seeds"]]
     hit = {name: correct(predictions[f"test_logits_{name}"], labels) for name in models_in(predictions)}
@@ -147,7 +148,8 @@ def evaluate_evidence(predictions: dict[str, np.ndarray], shipped: int, *, sampl
     distilled_vs_scratch = compare(hit["distilled"], hit["scratch"], seeds, **args)
     shipped_row = next(s for s in distilled_vs_scratch["per_seed"] if s["seed"] == shipped)
     found = verdict(distilled_vs_scratch, shipped=shipped_row)
-    teacher = predictions["test_logits_teacher"][0]
+    # Fidelity is to the model that taught: an ensemble's averaged logits when teacher.ensemble > 1
+    teacher = predictions.get("test_logits_teacher_ensemble", predictions["test_logits_teacher"])[0]
     return {
         "verdict": found["verdict"], "verdict_line": found["line"], "confidence": confidence,
         "bootstrap_samples": samples, "bootstrap_seed": seed, "test_images": int(len(labels)), "seeds": seeds,
