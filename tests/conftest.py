@@ -65,6 +65,20 @@ def dvc_stage_names() -> list[str]:
     return list(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"])
 
 
+@pytest.fixture(autouse=True)
+def _tracking_uri_restored():
+    """MLFLOW_TRACKING_URI as it was before each test, after it. mlflow.set_tracking_uri (every stage calls it)
+    exports the variable, and it outranks tracking.uri; a test that deleted an absent variable with monkeypatch
+    has nothing recorded to restore, so the stage's URI leaked into the next test on the worker (an export whose
+    run went to another test's store). Autouse: set up first, so torn down after the test's own monkeypatch."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 @pytest.fixture
 def workdir(tmp_path, monkeypatch) -> Path:
     """A temp working directory with no MLFLOW_TRACKING_URI leaking in from the environment."""
