@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kdpipe.report.plots import confusion_csv
+from kdpipe.report.plots import confusion_csv, reliability_csv
 
 REPO = Path(__file__).resolve().parents[1]
 DVC = str(Path(sys.executable).parent / "dvc")
@@ -39,6 +39,8 @@ def plots_page(root: Path, offline_template: bool) -> Path:
         (root / f"plots/{stage}.csv").write_text(CURVES)
     for label in ("teacher", "scratch", "distilled"):  # as the evaluate stage writes them
         confusion_csv([[3, 1], [0, 4]], ["cat", "dog, small"], root / f"reports/evaluate/confusion_{label}.csv")
+        bins = [{"confidence": c, "accuracy": a, "count": 5} for c, a in ((0.55, 0.4), (0.85, 0.8), (0.97, 1.0))]
+        reliability_csv(bins, root / f"reports/evaluate/reliability_{label}.csv")
     out = subprocess.run([DVC, "plots", "show", "-o", "out"], cwd=root, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     return root / "out/index.html"
@@ -72,7 +74,7 @@ def test_the_configured_template_inlines_vega_and_loads_nothing_remote(page):
     html = page.read_text()
     assert not re.search(r"<script[^>]+src=", html) and "cdn.jsdelivr" not in html
     assert "vegaEmbed(" in html and "teacher accuracy" in html and "scratch vs distilled" in html
-    assert "distilled confusion matrix (test)" in html and "dog, small" in html
+    assert "distilled confusion matrix (test)" in html and "dog, small" in html and "reliability (test)" in html
     for package in ("vega", "vega-lite", "vega-embed"):
         assert (REPO / f".dvc/offline_plots/LICENSE.{package}").read_text().strip()
 
