@@ -125,7 +125,7 @@ def paired_against(predictions: dict, baseline: dict, confidence: float = 0.95) 
                     [int(s) for s in predictions["distilled_seeds"]], confidence=confidence)
     pooled = found["pooled"]
     return {**{k: round(100 * pooled[k], 3) for k in ("difference", "low", "high")}, "seeds_better": found["better"],
-            "mcnemar_p": [s["mcnemar"]["p"] for s in found["per_seed"]]}
+            "seeds_worse": found["worse"], "mcnemar_p": [s["mcnemar"]["p"] for s in found["per_seed"]]}
 
 
 def curriculum_ablation() -> dict:

@@ -29,6 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 from projectcopy import copy_project, cpu_name, run_timed, shrink  # noqa: E402
+from quality import paired_against  # noqa: E402
 from reproducible import git_facts, stage_env  # noqa: E402
 
 PRECISIONS = ("bf16", "fp32")
@@ -69,20 +70,6 @@ def predictions(root: Path) -> dict:
     return load_predictions(root / "models" / "predictions.npz")
 
 
-def against_live(side: dict, live: dict) -> dict:
-    """A side's distilled students minus live's on the same test images, seed paired with seed: the difference
-    in points with its two-level 95 % interval (kdpipe/report/findings.compare), seeds better, McNemar p."""
-    from kdpipe.evidence import correct
-    from kdpipe.report.findings import compare
-
-    labels = side["test_labels"]
-    found = compare(correct(side["test_logits_distilled"], labels), correct(live["test_logits_distilled"], labels),
-                    [int(s) for s in side["distilled_seeds"]])
-    pooled = found["pooled"]
-    return {**{k: round(100 * pooled[k], 3) for k in ("difference", "low", "high")}, "seeds_better": found["better"],
-            "seeds_worse": found["worse"], "mcnemar_p": [s["mcnemar"]["p"] for s in found["per_seed"]]}
-
-
 def precision_result(precision: str, args, env: dict[str, str]) -> dict:
     with tempfile.TemporaryDirectory(prefix="kdpipe-views-") as tmp:
         root = copy_project(Path(tmp) / "repo")
@@ -102,7 +89,7 @@ def precision_result(precision: str, args, env: dict[str, str]) -> dict:
             if live is None:
                 live = predictions(root)
             else:
-                out[side]["minus_live_points"] = against_live(predictions(root), live)
+                out[side]["minus_live_points"] = paired_against(predictions(root), live)
     return out
 
 

@@ -143,6 +143,21 @@ def tiny_pipeline_params(work: Path) -> dict:
     return params
 
 
+def rerun_params(work: Path, tmp_path: Path, monkeypatch, *, folders=("models", "metrics"), ignore=("*.onnx",),
+                 **export_overrides) -> dict:
+    """Params to rerun a stage in tmp_path on a copy of the tiny pipeline's `folders` (without `ignore`), reading
+    its prepared data, with export.* overrides; tmp_path becomes the working directory and MLFLOW_TRACKING_URI is
+    unset, so the stage logs to tmp_path's own store (the autouse fixture above restores the variable after)."""
+    for folder in folders:
+        shutil.copytree(work / folder, tmp_path / folder, ignore=shutil.ignore_patterns(*ignore))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    params = tiny_pipeline_params(tmp_path)
+    params["paths"]["prepared"] = str(work / "data/prepared")
+    params["export"].update(export_overrides)
+    return params
+
+
 @pytest.fixture(scope="session")
 def tiny_pipeline(tmp_path_factory) -> TinyPipeline:
     """All stages once per session, in-process, in dvc.yaml's order, against the workspace's own sqlite store.

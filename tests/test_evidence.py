@@ -205,9 +205,8 @@ def test_evaluate_keeps_predictions_and_gives_the_same_evidence_twice(tiny_pipel
     """The session's evaluate outputs: logits of every model in predictions.npz, the verdict on top of the report,
     in evaluate.json and last in the log; evaluate rerun on a copy writes the same bytes (seeded bootstrap)."""
     import json
-    import shutil
 
-    from conftest import tiny_pipeline_params
+    from conftest import rerun_params
 
     from kdpipe import config
     from kdpipe.stages import evaluate
@@ -226,13 +225,7 @@ def test_evaluate_keeps_predictions_and_gives_the_same_evidence_twice(tiny_pipel
     for name in ("teacher", "scratch", "distilled"):
         assert (work / f"reports/evaluate/reliability_{name}.png").stat().st_size > 0
         assert (work / f"reports/evaluate/reliability_{name}.csv").read_text().startswith("confidence,accuracy,count")
-    for folder in ("models", "plots"):
-        shutil.copytree(work / folder, tmp_path / folder, ignore=shutil.ignore_patterns("*.onnx", "predictions.npz"))
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "unset")  # recorded, so whatever the stage sets is undone after
-    monkeypatch.delenv("MLFLOW_TRACKING_URI")
-    params = tiny_pipeline_params(tmp_path)
-    params["paths"]["prepared"] = str(work / "data/prepared")
+    params = rerun_params(work, tmp_path, monkeypatch, folders=("models", "plots"), ignore=("*.onnx", "predictions.npz"))
     again = evaluate.run(config.from_dict(params))
     assert (tmp_path / "models/predictions.npz").read_bytes() == (work / "models/predictions.npz").read_bytes()
     assert again["evidence"] == metrics["evidence"] and again["verdict_line"] == metrics["verdict_line"]
@@ -275,25 +268,17 @@ def test_temperature_scale_divides_the_shipped_logits_and_keeps_the_argmax(tiny_
     """export.temperature_scale: true exports the shipped seed with logits / T, T the one evaluate fitted on
     validation for that seed; the file says T in its metadata, and its predictions are the unscaled model's."""
     import json
-    import shutil
 
     import onnxruntime
-    from conftest import tiny_pipeline_params
+    from conftest import rerun_params
 
     from kdpipe import config
     from kdpipe.ship.onnx_export import read_metadata
     from kdpipe.stages import export
 
     work = tiny_pipeline.work
-    for folder in ("models", "metrics"):
-        shutil.copytree(work / folder, tmp_path / folder, ignore=shutil.ignore_patterns("*.onnx"))
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "unset")  # recorded, so whatever the stage sets is undone after
-    monkeypatch.delenv("MLFLOW_TRACKING_URI")
-    params = tiny_pipeline_params(tmp_path)
-    params["paths"]["prepared"] = str(work / "data/prepared")
-    params["export"].update(int8=False, registry=False, temperature_scale=True)
-    export.run(config.from_dict(params))
+    export.run(config.from_dict(rerun_params(work, tmp_path, monkeypatch, int8=False, registry=False,
+                                             temperature_scale=True)))
     evaluated = json.loads((work / "metrics/evaluate.json").read_text())
     row = evaluated["evidence"]["seeds"].index(evaluated["shipped"]["seed"])
     t = evaluated["evidence"]["calibration"]["distilled"]["per_seed"][row]["temperature"]

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 import sys
 
@@ -16,7 +15,7 @@ import onnx
 import onnxruntime
 import pytest
 import torch
-from conftest import SEEDS, subprocess_env, tiny_params, tiny_pipeline_params, write_params
+from conftest import SEEDS, rerun_params, subprocess_env, tiny_params, tiny_pipeline_params, write_params
 from PIL import Image
 
 from kdpipe import config
@@ -43,19 +42,6 @@ def export_params(work, **export_overrides) -> dict:
 def done(tiny_pipeline):
     """The session's tiny pipeline (conftest): prepare → ... → export once, in-process, temp sqlite store."""
     return tiny_pipeline.work, tiny_pipeline.cfg, tiny_pipeline.results["export"]
-
-
-def rerun_params(work, tmp_path, monkeypatch, **export_overrides) -> dict:
-    """Params to rerun export in tmp_path on a copy of the fixture's checkpoints and metrics (no ONNX files),
-    reading its prepared data; tmp_path becomes the working directory."""
-    for folder in ("models", "metrics"):
-        shutil.copytree(work / folder, tmp_path / folder, ignore=shutil.ignore_patterns("*.onnx"))
-    monkeypatch.chdir(tmp_path)
-    # mlflow.set_tracking_uri (run by every stage) exports MLFLOW_TRACKING_URI, which outranks tracking.uri.
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    params = export_params(tmp_path, **export_overrides)
-    params["paths"]["prepared"] = str(work / "data/prepared")
-    return params
 
 
 def client(cfg) -> mlflow.MlflowClient:

@@ -4,11 +4,9 @@ a `dvc exp run` (DVC_EXP_NAME set) that register candidates but leave champion w
 
 from __future__ import annotations
 
-import shutil
-
 import mlflow
 import pytest
-from conftest import tiny_pipeline_params
+from conftest import rerun_params
 
 from kdpipe import config
 from kdpipe.ship import gate
@@ -127,16 +125,8 @@ def test_an_experiment_export_leaves_champion_where_it_was(tiny_pipeline, tmp_pa
     better than the champion beyond noise (the champion's ONNX is run on the same validation images: a difference
     of exactly 0), so it stays candidate with the comparison on its tags; the point rule crowns it (a tie: the
     newer wins)."""
-    work = tiny_pipeline.work
-    for folder in ("models", "metrics"):
-        shutil.copytree(work / folder, tmp_path / folder, ignore=shutil.ignore_patterns("*.onnx"))
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "unset")  # recorded, so whatever the stage sets is undone after
-    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    params = rerun_params(tiny_pipeline.work, tmp_path, monkeypatch, int8=False)
     monkeypatch.delenv("DVC_EXP_NAME", raising=False)
-    params = tiny_pipeline_params(tmp_path)
-    params["paths"]["prepared"] = str(work / "data/prepared")
-    params["export"]["int8"] = False
     cfg = config.from_dict(params)
     assert export.run(cfg)["champion"]
     monkeypatch.setenv("DVC_EXP_NAME", "warmer")

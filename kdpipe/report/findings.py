@@ -76,13 +76,10 @@ def verdict(comparison: dict, *, subject: str = "distillation", shipped: dict | 
     pooled, n = comparison["pooled"], len(comparison["per_seed"])
     seeds = f"{comparison['better']} of {n} seed{'s' if n > 1 else ''} better"
     found = direction(pooled)
-    if found == HELPED:
-        line = f"{subject} helped: {interval_text(pooled)}, {seeds}, {p_text(comparison)}"
-    elif found == HURT:
-        line = f"{subject} hurt: {interval_text(pooled)}, {seeds}, {p_text(comparison)}"
-    else:
-        line = (f"no evidence that {subject} made a difference: {interval_text(pooled)}, {seeds}, "
-                f"{p_text(comparison)}; more seeds or a larger test split would tell")
+    said = {HELPED: f"{subject} helped", HURT: f"{subject} hurt"}.get(found, f"no evidence that {subject} made a difference")
+    line = f"{said}: {interval_text(pooled)}, {seeds}, {p_text(comparison)}"
+    if found not in (HELPED, HURT):
+        line += "; more seeds or a larger test split would tell"
     if shipped is not None:
         line += (f". Shipped seed {shipped['seed']}: {interval_text(shipped)}, McNemar p = "
                  f"{shipped['mcnemar']['p']:.2g} ({seed_direction(shipped)})")

@@ -103,9 +103,10 @@ def array_name(label: str) -> str:
     return label.replace(" ", "_")
 
 
-def write_predictions(ctx: StageContext, logits: dict[str, list[tuple]]) -> Path:
+def write_predictions(ctx: StageContext, logits: dict[str, list[tuple]]) -> dict:
     """models/predictions.npz: labels, classes, seeds, and per model and split the logits stacked over seeds,
-    `<split>_logits_<label>` (S, N, K) float32 with `<label>_seeds` (S,) (-1 for a model trained once)."""
+    `<split>_logits_<label>` (S, N, K) float32 with `<label>_seeds` (S,) (-1 for a model trained once). Returns
+    the arrays written: what findings.load_predictions reads back from the file."""
     import numpy as np
 
     from kdpipe.files import write_npz
@@ -117,7 +118,8 @@ def write_predictions(ctx: StageContext, logits: dict[str, list[tuple]]) -> Path
         arrays[f"{array_name(label)}_seeds"] = np.array([-1 if s is None else s for s, _ in runs], dtype=np.int64)
         for split in ("test", "val"):
             arrays[f"{split}_logits_{array_name(label)}"] = np.stack([out[split].numpy() for _, out in runs])
-    return write_npz(ctx.paths.predictions, arrays)
+    write_npz(ctx.paths.predictions, arrays)
+    return arrays
 
 
 def cost(model, shape) -> dict:
@@ -202,7 +204,7 @@ def evaluate(ctx: StageContext, models: dict[str, list]) -> tuple[dict, dict]:
     gap = gap_recovered(*(results[k]["test_accuracy"] for k in ("teacher", "scratch", "distilled")))
     shipped = shipped_seed(ctx, logits["distilled"])
     opts = cfg.evaluate
-    found = evidence.evaluate_evidence(evidence.load_predictions(write_predictions(ctx, logits)), shipped["seed"],
+    found = evidence.evaluate_evidence(write_predictions(ctx, logits), shipped["seed"],
                                        samples=opts.bootstrap_samples, seed=opts.bootstrap_seed,
                                        confidence=opts.confidence, bins=opts.calibration_bins)
     results.update(gap_recovered=gap, dataset=cfg.data.dataset, dataset_digest=ctx.digest,
