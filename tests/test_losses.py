@@ -351,7 +351,7 @@ def test_composite_names_missing_inputs(batch):
         ({"ce": 1.0}, -2.0, "^temperature: must be > 0"),
         ({"ce": 0.0, "kd": 0.0}, 4.0, "^all loss weights are zero$"),
         ({}, 4.0, "^all loss weights are zero$"),
-        ({"ce": 1.0, "foo": 1.0}, 4.0, "^unknown loss term 'foo'; known: ce, kd, mse, hint, at, dkd, dist, rkd, pkt, sp, crd$"),
+        ({"ce": 1.0, "foo": 1.0}, 4.0, "^unknown loss term 'foo'; known: ce, kd, mse, hint, at, dkd, dist, rkd, pkt, sp, crd, hidden, attn, cos$"),
     ],
 )
 def test_validate_weights_names_the_key(weights, temperature, message):
@@ -360,7 +360,8 @@ def test_validate_weights_names_the_key(weights, temperature, message):
 
 
 def test_presets_and_descriptions_are_valid():
-    assert set(methods.LOSSES) == {"ce", "kd", "mse", "hint", "at", "dkd", "dist", "rkd", "pkt", "sp", "crd"}
+    assert set(methods.LOSSES) == {"ce", "kd", "mse", "hint", "at", "dkd", "dist", "rkd", "pkt", "sp", "crd",
+                                   *methods.TEXT_FEATURE_TERMS}  # the text terms: tests/test_text_losses.py
     for weights in methods.PRESETS.values():
         methods.validate_weights(weights, 4.0)
     assert methods.PRESETS["kd"] == {"ce": 0.1, "kd": 0.9}
@@ -397,7 +398,7 @@ def test_every_loss_returns_fp32_for_bf16_inputs():
             teacher_feats=t_feats,
             hint_adapter=kwargs["hint_adapter"],
             crd=kwargs["crd"],
-            weights={name: 1.0 for name in methods.LOSSES},
+            weights={name: 1.0 for name in methods.LOSSES if name not in methods.TEXT_FEATURE_TERMS},
         ).values(),
     ]
     for value in results:

@@ -19,12 +19,19 @@ LOSSES: dict[str, str] = {
     "pkt": "probabilistic knowledge transfer: KL of cosine-kernel affinities of embeddings (Passalis & Tefas 2018)",
     "sp": "similarity-preserving: batch Gram matrices of the last feature maps (Tung & Mori 2019)",
     "crd": "contrastive: NCE against a memory bank of training-set embeddings (Tian et al. 2020; kdpipe.distill.crd)",
+    "hidden": "text: MSE of projected student and teacher hidden states, embeddings + mapped layers (TinyBERT, Jiao et al. 2020)",
+    "attn": "text: MSE of attention probability maps of mapped layers, pads masked (TinyBERT, Jiao et al. 2020)",
+    "cos": "text: 1 − cosine of last-layer token vectors, pads masked (DistilBERT, Sanh et al. 2019)",
 }
 
 
 # Terms that need intermediate features, which no cache of teacher outputs holds. rkd, pkt and crd use the last
-# stage's map average-pooled to an embedding (RepDistiller's choice), sp the map itself.
-FEATURE_TERMS = ("hint", "at", "rkd", "pkt", "sp", "crd")
+# stage's map average-pooled to an embedding (RepDistiller's choice), sp the map itself. The image terms read
+# (N, C, H, W) maps (`forward_features`), the text terms token hidden states and attention maps
+# (`text_features`, kdpipe/distill/transformer_losses.py): neither kind fits the other kind of model.
+IMAGE_FEATURE_TERMS = ("hint", "at", "rkd", "pkt", "sp", "crd")
+TEXT_FEATURE_TERMS = ("hidden", "attn", "cos")
+FEATURE_TERMS = IMAGE_FEATURE_TERMS + TEXT_FEATURE_TERMS
 
 
 def needs_features(weights: dict[str, float]) -> bool:
@@ -57,6 +64,13 @@ PRESETS: dict[str, dict[str, float]] = {
     "sp": {"ce": 1.0, "sp": 3000.0},
     # RepDistiller's CRD row (`-r 1 -a 0 -b 0.8`): CE 1 plus 0.8 · the contrastive term, no KD.
     "crd": {"ce": 1.0, "crd": 0.8},
+    # TinyBERT's task-specific distillation (Jiao et al. 2020) in one stage: attention and hidden-state (with
+    # embedding) terms at weight 1, as the paper sums them, plus its prediction-layer term as KD; the paper runs
+    # the intermediate terms first, then the prediction term, and uses no label term.
+    "tinybert": {"kd": 1.0, "hidden": 1.0, "attn": 1.0},
+    # DistilBERT's loss (Sanh et al. 2019; their training script's alpha_ce 5, alpha_mlm 2, alpha_cos 1, T = 2)
+    # for classification: the masked-LM weight goes to the label term.
+    "distilbert": {"kd": 5.0, "ce": 2.0, "cos": 1.0},
 }
 
 
@@ -74,6 +88,22 @@ def validate_weights(weights: dict[str, float], temperature: float) -> None:
         raise ValueError(f"temperature: must be > 0, got {temperature}")
     if not any(weight > 0 for weight in weights.values()):
         raise ValueError("all loss weights are zero")
+
+
+def check_terms_fit_model(weights: dict[str, float], text: bool, attention: bool = True) -> None:
+    """Raise ValueError (one line, naming the term) when a weighted feature term does not fit the models: text terms
+    for image models, image terms for text models, attn for a student without attention maps (`attention`)."""
+    active = [term for term in FEATURE_TERMS if weights.get(term, 0) > 0]
+    wrong = [t for t in active if (t in TEXT_FEATURE_TERMS) != text]
+    if wrong and not text:
+        raise ValueError(f"distill: the {wrong[0]} term reads token hidden states ({', '.join(TEXT_FEATURE_TERMS)} "
+                         f"are text terms), which image models lack; use a logit method or {', '.join(IMAGE_FEATURE_TERMS)}")
+    if wrong:
+        raise ValueError(f"distill: the {wrong[0]} term reads (N, C, H, W) feature maps ({', '.join(IMAGE_FEATURE_TERMS)} "
+                         f"are image terms), which text models lack; use a logit method or {', '.join(TEXT_FEATURE_TERMS)}")
+    if "attn" in active and not attention:
+        raise ValueError("distill: the attn term reads attention maps, which the student lacks (a non-attention model "
+                         "such as text_cnn); use hidden or cos")
 
 
 # The one list of each (params' curriculum.ordering and curriculum.pacing are checked against them).
