@@ -16,6 +16,13 @@ from pydantic import Field, StrictFloat, StrictInt, ValidationError, model_valid
 
 from kdpipe import params_file
 from kdpipe.data.augment_params import AugmentParams, check_distill
+from kdpipe.data.text_params import (
+    TEXT_DATASETS,
+    TextDataParams,
+    TextNetParams,
+    check_modality,
+    check_text_data,
+)
 from kdpipe.params_file import ConfigError
 from kdpipe.sections import (  # noqa: F401 - re-exported: every section is kdpipe.config.<Name>
     EvaluateConfig,
@@ -45,12 +52,25 @@ class DataConfig(_Section):
     train_subset: int | None = Field(default=None, ge=10)  # stratified sample of the training pool, before splits
     in_memory: bool | Literal["auto"] = "auto"  # training splits on the device, or streamed from disk
     workers: int | None = Field(default=None, ge=0, le=64)  # streaming loader / imagefolder decoder processes
+    text: TextDataParams | None = None  # textfolder / textfile only (None: the defaults of TextDataParams)
+
+    @property
+    def is_text(self) -> bool:
+        return self.dataset in TEXT_DATASETS
+
+    @property
+    def text_params(self) -> TextDataParams:
+        return self.text or TextDataParams()
 
     @model_validator(mode="after")
     def _imagefolder_needs_folder_and_size(self) -> DataConfig:
         from kdpipe.data.datasets import DATASETS
 
-        _one_of("dataset", self.dataset, DATASETS)
+        _one_of("dataset", self.dataset, DATASETS + TEXT_DATASETS)
+        if self.is_text:
+            check_text_data(self)
+        elif self.text is not None:
+            raise ValueError(f"text: only for the text datasets ({', '.join(TEXT_DATASETS)}), got dataset {self.dataset!r}")
         if self.dataset == "imagefolder":
             if not self.folder:
                 raise ValueError("folder: required when dataset is imagefolder")
@@ -83,12 +103,17 @@ class TrainConfig(AugmentParams, _Section):
     crop_padding: int = Field(default=0, ge=0, le=64)
     flip: bool = False
     chance_guard: bool = True  # a run that learned nothing (val accuracy at chance) fails instead of being kept
+    text: TextNetParams | None = None  # text models only: width, layers, heads (None: TextNetParams' defaults)
+
+    def _external_model(self) -> bool:
+        """model names something outside the zoo (a transformers teacher's dir or hub id)."""
+        return False
 
     @model_validator(mode="after")
     def _check_recipe(self) -> TrainConfig:
         from kdpipe.models.zoo import is_known_model
 
-        if not is_known_model(self.model):
+        if not self._external_model() and not is_known_model(self.model):
             raise ValueError(f"model: unknown model {self.model!r} (see `kdpipe list models`)")
         if self.batch_size == 1:
             raise ValueError("batch_size: must be >= 2: BatchNorm cannot train on a batch of one image, got 1")
@@ -103,13 +128,17 @@ class TrainConfig(AugmentParams, _Section):
 
 class TeacherConfig(TrainConfig):
     model: str = "resnet20"
-    source: Literal["train", "checkpoint", "registry", "torchvision"] = "train"
+    # transformers: teacher.model is a local dir or a hub id in the local Hugging Face cache (text datasets)
+    source: Literal["train", "checkpoint", "registry", "torchvision", "transformers"] = "train"
     checkpoint: str | None = None  # with source: checkpoint, a .pt file (a kdpipe checkpoint or a state dict)
     registry_uri: str | None = None  # with source: registry, e.g. models:/kdpipe-teacher@champion
     weights: str | None = None  # with source: torchvision, a weights name of teacher.model, e.g. IMAGENET1K_V1
     finetune: bool = False  # train a brought teacher further with this recipe (needed for a new head)
     input_size: int | None = Field(default=None, ge=8, le=1024)  # the teacher's input, resized on the device
     ensemble: int = Field(default=1, ge=1, le=16)  # teachers trained with seeds seed, seed+1, ...; logits averaged
+
+    def _external_model(self) -> bool:
+        return self.source == "transformers"
 
     @model_validator(mode="after")
     def _source_needs_location(self) -> TeacherConfig:
@@ -233,11 +262,22 @@ class Config(_Section):
         return self
 
     @model_validator(mode="after")
+    def _models_fit_the_modality(self) -> Config:
+        from kdpipe.distill.methods import FEATURE_TERMS
+        from kdpipe.models.text_nets import is_text_model
+
+        check_modality(self, is_text_model, FEATURE_TERMS)
+        return self
+
+    @model_validator(mode="after")
     def _folder_under_raw(self) -> Config:
-        folder, raw = (os.path.abspath(p) for p in (self.data.folder or "", self.paths.raw))
-        if self.data.dataset == "imagefolder" and os.path.commonpath([folder, raw]) != raw:
-            raise ValueError(f"data.folder: must be inside paths.raw ({self.paths.raw}), prepare's DVC dependency (edits "
-                             f"elsewhere never rerun it), got {self.data.folder}; move it there or set paths.raw above it")
+        key, where = ("data.text.file", self.data.text_params.file) if self.data.dataset == "textfile" else \
+            ("data.folder", self.data.folder)
+        folder, raw = (os.path.abspath(p) for p in (where or "", self.paths.raw))
+        inside = os.path.commonpath([folder, raw]) == raw
+        if self.data.dataset in ("imagefolder", "textfolder", "textfile") and not inside:
+            raise ValueError(f"{key}: must be inside paths.raw ({self.paths.raw}), prepare's DVC dependency (edits "
+                             f"elsewhere never rerun it), got {where}; move it there or set paths.raw above it")
         return self
 
     def flat(self) -> dict[str, Any]:

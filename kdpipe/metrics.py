@@ -84,12 +84,13 @@ def at_chance(accuracy: float, chance: float) -> bool:
 # Cost: multiply-accumulates and CPU latency
 
 
-def count_macs(model: nn.Module, input_shape: tuple[int, int, int]) -> int:
+def count_macs(model: nn.Module, input_shape: tuple[int, int, int], example: Tensor | None = None) -> int:
     """Multiply-accumulates of one forward pass for one (C, H, W) image, counted over Conv2d and Linear.
 
     Conv2d: output elements × in_channels/groups × kH × kW; Linear: rows × in × out (rows = 1 for a flat
     feature vector). Bias adds, norms, activations and pooling are ignored, as is usual in the KD literature.
     The model runs where it lives, in eval mode (so BN statistics stay put); its modes are restored after.
+    `example`: the one input to count on instead of zeros of `input_shape` (a text model's token ids (1, L)).
     """
     total = 0
 
@@ -101,7 +102,8 @@ def count_macs(model: nn.Module, input_shape: tuple[int, int, int]) -> int:
     handles = [m.register_forward_hook(hook) for m in layers]
     try:
         with eval_mode(model), torch.inference_mode():
-            model(torch.zeros(1, *input_shape, device=model_device(model)))
+            model(torch.zeros(1, *input_shape, device=model_device(model)) if example is None
+                  else example.to(model_device(model)))
     finally:
         for handle in handles:
             handle.remove()
@@ -136,7 +138,7 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 def cpu_latency_ms(model: nn.Module, input_shape: tuple[int, int, int], *, batch_size: int = 1,
-                   warmup: int = 5, repeats: int = 30, threads: int = 1) -> float:
+                   warmup: int = 5, repeats: int = 30, threads: int = 1, example: Tensor | None = None) -> float:
     """Median wall-clock milliseconds per image of a CPU forward pass on a batch of zeros, on `threads` threads.
 
     A deep copy is timed (on CPU, eval mode, inference_mode), so the caller's model keeps its device, mode and
@@ -148,7 +150,7 @@ def cpu_latency_ms(model: nn.Module, input_shape: tuple[int, int, int], *, batch
     if batch_size < 1 or repeats < 1 or warmup < 0:
         raise ValueError(f"need batch_size ≥ 1, repeats ≥ 1, warmup ≥ 0; got {batch_size}, {repeats}, {warmup}")
     cpu_model = copy.deepcopy(model).cpu().eval()
-    x = torch.zeros(batch_size, *input_shape)
+    x = torch.zeros(batch_size, *input_shape) if example is None else example.expand(batch_size, *example.shape[1:])
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

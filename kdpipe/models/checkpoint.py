@@ -19,7 +19,11 @@ class CheckpointError(UserError):
 
 
 def save_checkpoint(path: str | Path, model, *, classes: list[str], params: dict, extra: dict | None = None) -> Path:
-    """Weights plus everything needed to rebuild and audit them; loadable with weights_only=True."""
+    """Weights plus everything needed to rebuild and audit them; loadable with weights_only=True. A text model
+    carries its constructor arguments (`text_args`, or a transformers model's config as `hf_config`) instead of
+    image channels and normalisation."""
+    if getattr(model, "modality", "image") == "text":
+        return save_torch(path, {**text_entries(model), "classes": list(classes), "params": params, **(extra or {})})
     ckpt = {
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "model": model.name,
@@ -33,6 +37,36 @@ def save_checkpoint(path: str | Path, model, *, classes: list[str], params: dict
         **(extra or {}),
     }
     return save_torch(path, ckpt)
+
+
+def text_entries(model) -> dict:
+    """What rebuilds a text model: its zoo name and constructor arguments, or its transformers config."""
+    entries = {"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "model": model.name,
+               "modality": "text", "num_classes": model.num_classes}
+    if hasattr(model, "hf_config"):
+        return {**entries, "hf_config": model.hf_config, "text_args": {"pad_id": model.pad_id,
+                                                                       "max_length": model.max_length}}
+    return {**entries, "text_args": dict(model.text_args)}
+
+
+def build_text(path: str | Path, ckpt: dict):
+    """The text model a checkpoint describes (zoo name + text_args, or a transformers config), weights loaded."""
+    try:
+        if "hf_config" in ckpt:
+            from kdpipe.models.hf_teacher import rebuild
+
+            model = rebuild(ckpt["hf_config"], **ckpt["text_args"])
+        else:
+            from kdpipe.models.text_nets import build_text_model
+
+            model = build_text_model(ckpt["model"], ckpt["text_args"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a text model kdpipe can rebuild ({e})") from None
+    misfit = _misfit(model, ckpt["state_dict"])
+    if misfit:
+        raise CheckpointError(f"{path}: weights do not fit {model.name} ({misfit})")
+    model.load_state_dict(ckpt["state_dict"])
+    return model, ckpt
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -50,6 +84,8 @@ def build_from_checkpoint(path: str | Path, *, fallback_model: str | None = None
     from kdpipe.models.zoo import build_model
 
     ckpt = load_checkpoint(path)
+    if ckpt.get("modality") == "text":
+        return build_text(path, ckpt)
     if "state_dict" in ckpt:
         missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
         if missing:

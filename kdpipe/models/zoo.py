@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from kdpipe.errors import UserError
 from kdpipe.models.nets import CifarResNet, MobileNetV2, SmallCNN, WideResNet, init_weights
+from kdpipe.models.text_nets import TEXT_ZOO
 
 TV_PREFIX = "tv:"
 TV_PROBE_SIZE = 64  # spatial size of the dummy input that discovers a torchvision model's stages
@@ -192,13 +193,14 @@ ZOO: dict[str, Callable[[int, int], nn.Module]] = {
     "tiny_cnn": partial(SmallCNN, widths=(8, 16, 32)),
 }
 MODEL_NAMES: tuple[str, ...] = tuple(ZOO)
+TEXT_MODEL_NAMES: tuple[str, ...] = tuple(TEXT_ZOO)  # token ids in (kdpipe.models.text_nets), built by build_text_model
 
 
 def is_known_model(name: str) -> bool:
-    """True for zoo names and "tv:<torchvision classification model>"; builds nothing."""
+    """True for zoo names (image and text) and "tv:<torchvision classification model>"; builds nothing."""
     if name.startswith(TV_PREFIX):
         return name.removeprefix(TV_PREFIX) in torchvision_model_names()
-    return name in ZOO
+    return name in ZOO or name in TEXT_ZOO
 
 
 class Classifier(nn.Module):
@@ -268,6 +270,8 @@ class Ensemble(nn.Module):
         super().__init__()
         self.members = nn.ModuleList(members)
         self.name = f"ensemble of {len(members)} {getattr(members[0], 'name', type(members[0]).__name__)}"
+        if getattr(members[0], "modality", "image") == "text":  # what inference needs to batch token ids
+            self.modality, self.pad_id = "text", members[0].pad_id
 
     def forward(self, x: Tensor) -> Tensor:
         return torch.stack([member(x).float() for member in self.members]).mean(0)

@@ -122,13 +122,24 @@ def write_predictions(ctx: StageContext, logits: dict[str, list[tuple]]) -> dict
     return arrays
 
 
-def cost(model, shape) -> dict:
-    """Size and speed of one model: parameters, MACs per image, PyTorch CPU ms per image."""
+def cost(model, shape, example=None) -> dict:
+    """Size and speed of one model: parameters, MACs per image (or per `example`: a typical text's ids), PyTorch
+    CPU ms per image (text)."""
     from kdpipe.metrics import count_macs, cpu_latency_ms
     from kdpipe.models.zoo import count_parameters
 
-    return {"model": model.name, "num_parameters": count_parameters(model), "macs": count_macs(model, shape),
-            "latency_ms": cpu_latency_ms(model, shape, batch_size=1)}
+    return {"model": model.name, "num_parameters": count_parameters(model),
+            "macs": count_macs(model, shape, example=example),
+            "latency_ms": cpu_latency_ms(model, shape, batch_size=1, example=example)}
+
+
+def typical_text(prepared: dict):
+    """The ids (1, L) of the test text of median length: what a text model's cost is measured on."""
+    import torch
+
+    lengths = prepared["test_lengths"]
+    i = int(torch.argsort(lengths, stable=True)[len(lengths) // 2])
+    return prepared["test_x"][i : i + 1, : int(lengths[i])].long()
 
 
 def summarise(scored: list[tuple], costs: dict) -> dict:
@@ -196,11 +207,13 @@ def evaluate(ctx: StageContext, models: dict[str, list]) -> tuple[dict, dict]:
     from kdpipe.metrics import gap_recovered
     from kdpipe.report import findings as evidence
 
-    cfg, shape = ctx.cfg, tuple(ctx.prepared["image_shape"])
+    text = ctx.prepared.get("modality") == "text"
+    cfg, shape = ctx.cfg, () if text else tuple(ctx.prepared["image_shape"])
+    example = typical_text(ctx.prepared) if text else None
     logits = model_logits(ctx, models)
     scored = {label: [(seed, score_logits(out["test"], ctx.prepared)) for seed, out in runs]
               for label, runs in logits.items()}
-    results = {label: summarise(scored[label], cost(models[label][0][1], shape)) for label in models}
+    results = {label: summarise(scored[label], cost(models[label][0][1], shape, example)) for label in models}
     gap = gap_recovered(*(results[k]["test_accuracy"] for k in ("teacher", "scratch", "distilled")))
     shipped = shipped_seed(ctx, logits["distilled"])
     opts = cfg.evaluate

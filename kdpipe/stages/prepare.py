@@ -20,9 +20,22 @@ OUTPUTS = ("prepared",)  # the paths.* folder it writes, checked before any work
 
 def dataset_root(cfg: Config) -> Path:
     """Where load_raw looks: the user's image folder, or the raw-data folder of a named dataset."""
-    if cfg.data.dataset == "imagefolder":
+    if cfg.data.dataset in ("imagefolder", "textfolder"):
         return Path(cfg.data.folder)
+    if cfg.data.dataset == "textfile":
+        return Path(cfg.data.text_params.file)
     return Path(cfg.paths.raw)
+
+
+def prepare_text(cfg: Config) -> dict:
+    """Worker for a text corpus: read (checked UTF-8), split, tokenize; nothing is written."""
+    from kdpipe.data import text
+
+    root, params = dataset_root(cfg), cfg.data.text_params
+    corpus = (text.load_textfolder(root) if cfg.data.dataset == "textfolder"
+              else text.load_textfile(root, params.text_column, params.label_column))
+    return text.prepare_text(corpus, params, where=str(root), val_fraction=cfg.data.val_fraction,
+                             test_fraction=cfg.data.test_fraction, seed=cfg.seed)
 
 
 def prepare(cfg: Config, path: Path) -> dict:
@@ -33,6 +46,8 @@ def prepare(cfg: Config, path: Path) -> dict:
     from kdpipe.data.datasets import load_raw
     from kdpipe.data.splits import prepare_dataset, subset
 
+    if cfg.data.is_text:
+        return prepare_text(cfg)
     if cfg.data.dataset == "imagefolder":
         from kdpipe.data.imagefolder import prepare_to_disk
 
@@ -49,6 +64,13 @@ def prepare(cfg: Config, path: Path) -> dict:
 
 def summary(prepared: dict, cfg: Config) -> dict:
     """meta.json: what a person (or the next stage) needs to know without loading tensors."""
+    if cfg.data.is_text:
+        return {"dataset": cfg.data.dataset, "modality": "text", "digest": prepared["digest"],
+                "classes": prepared["classes"], **{k: prepared[k] for k in ("pad_id", "max_length", "vocab_size")},
+                "sizes": {s: len(prepared[f"{s}_y"]) for s in ("train", "val", "test")},
+                "class_counts": prepared["class_counts"], "found": prepared["found"],
+                "mean_tokens": {s: round(float(prepared[f"{s}_lengths"].float().mean()), 2) for s in ("train", "val", "test")},
+                "params": {"seed": cfg.seed, "data": cfg.data.model_dump(mode="json")}}
     return {
         "dataset": cfg.data.dataset,
         "digest": prepared["digest"],

@@ -27,8 +27,13 @@ OUTPUTS = ("models", "metrics", "plots")  # the paths.* folders it writes, check
 
 def new_teacher(cfg: Config, prepared: dict, rt):
     """teacher.model, freshly initialised for this dataset, on the device."""
+    from kdpipe.models.text_nets import build_text_for
     from kdpipe.models.zoo import build_model
 
+    if prepared.get("modality") == "text":
+        from kdpipe.config import TextNetParams
+
+        return rt.prepare(build_text_for(cfg.teacher.model, cfg.teacher.text or TextNetParams(), prepared))
     c = prepared["image_shape"][0]
     return rt.prepare(build_model(cfg.teacher.model, c, len(prepared["classes"]), mean=prepared["mean"],
                                   std=prepared["std"], input_size=cfg.teacher.input_size))
@@ -123,6 +128,13 @@ def torchvision_teacher(cfg: Config, prepared: dict):
         raise WeightsError(f"teacher.finetune: {cfg.teacher.weights} predicts {trained_on} classes, the dataset has "
                            f"{n}: set teacher.finetune: true to train a new head (with the teacher recipe)")
     return pretrained_torchvision(arch, cfg.teacher.weights, prepared["image_shape"][0], n, cfg.teacher.input_size)
+
+
+def transformers_teacher(cfg: Config, prepared: dict):
+    """teacher.model, a transformers folder or hub id in the local cache, with a head for these classes."""
+    from kdpipe.models.hf_teacher import teacher_for
+
+    return teacher_for(cfg.teacher.model, prepared, cfg.teacher.finetune)
 
 
 def registry_teacher(cfg: Config, prepared: dict):
@@ -223,7 +235,7 @@ def run(cfg: Config) -> dict:
 
     ctx = stage.start(cfg, OUTPUTS)
     bring = {"checkpoint": bring_teacher, "registry": registry_teacher,
-             "torchvision": torchvision_teacher}.get(cfg.teacher.source)
+             "torchvision": torchvision_teacher, "transformers": transformers_teacher}.get(cfg.teacher.source)
     brought = ctx.rt.prepare(bring(cfg, ctx.prepared)) if bring else None
     params = {"seed": cfg.seed, "data": cfg.data.model_dump(mode="json"), "teacher": cfg.teacher.model_dump(mode="json"),
               "runtime": cfg.runtime.model_dump(mode="json")}

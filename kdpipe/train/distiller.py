@@ -155,7 +155,7 @@ class Distiller:
         use_cache = can_use_cached_logits(cfg.student, weights)
         outputs = load_teacher_outputs(paths, prepared) if use_cache or cfg.curriculum.enabled else None
         members = [freeze(m) for m in ensemble_members(teacher, ckpt)]
-        if not needs_features(weights):  # only logits are asked of it: fold its BatchNorms for speed
+        if not needs_features(weights) and getattr(teacher, "modality", "image") == "image":  # fold BatchNorms
             members = [fold_batchnorm(m) for m in members]
         teacher = members[0] if len(members) == 1 else Ensemble(members)
         return cls(cfg, rt, rt.prepare(teacher), weights,

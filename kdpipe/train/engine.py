@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from kdpipe.config import TrainConfig
+from kdpipe.data import text_batches
 from kdpipe.data.batches import Split, to_float
 from kdpipe.errors import Interrupted
 from kdpipe.run import distributed, signals
@@ -184,7 +185,9 @@ class _Trainer:
         sums: dict[str, torch.Tensor] = {}
         steps: dict[str, list[torch.Tensor]] = {}  # each step's loss parts, checked once the epoch is done
         correct = seen = 0
-        for i, (idx, xb, yb) in enumerate(self.read(train, _batches(pool, cfg.batch_size, self.shuffle_gen))):
+        batches = (text_batches.length_batches(pool, train.lengths, cfg.batch_size, self.shuffle_gen) if train.is_text
+                   else _batches(pool, cfg.batch_size, self.shuffle_gen))
+        for i, (idx, xb, yb) in enumerate(self.read(train, batches)):
             signals.check()  # a SIGINT/SIGTERM whose exception was swallowed (in a weakref callback) ends it here
             lr = cfg.lr * lr_factor(epoch + i / n_batches, cfg)
             logits, y, parts = self.step(idx, xb, yb, lr)
@@ -241,7 +244,8 @@ class _Trainer:
         device."""
         for group in self.opt.param_groups:
             group["lr"] = lr
-        x = to_float(xb.to(self.rt.device, non_blocking=True))
+        xb = xb.to(self.rt.device, non_blocking=True)
+        x = xb if xb.dtype == torch.int64 else to_float(xb)  # token ids (text_batches.trim) stay ids
         # Every rank augments the whole batch with the same generator, then trains on its shard: the views and the
         # random stream are those of one process (shard is the identity there).
         x, rows, y = self.augment(x, idx, yb.to(self.rt.device, non_blocking=True), self.aug_gen)
@@ -275,7 +279,10 @@ def _reader(train: Split | None, rt: Runtime):
 def _gather(train: Split, batches: Iterable[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     for idx in batches:
         dev_idx = idx.to(train.x.device)
-        yield idx, train.x[dev_idx], train.y[dev_idx]
+        if train.is_text:  # padded to the batch's longest text, not to max_length
+            yield idx, text_batches.trim(train.x[dev_idx], train.lengths[dev_idx]), train.y[dev_idx]
+        else:
+            yield idx, train.x[dev_idx], train.y[dev_idx]
 
 
 def _snapshot(modules: list[nn.Module]) -> list[dict]:

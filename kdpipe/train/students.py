@@ -43,8 +43,13 @@ class SeedRun:
 
 
 def build_student(recipe: StudentConfig, prepared: dict, device) -> nn.Module:
+    from kdpipe.models.text_nets import build_text_for
     from kdpipe.models.zoo import build_model
 
+    if prepared.get("modality") == "text":
+        from kdpipe.config import TextNetParams
+
+        return build_text_for(recipe.model, recipe.text or TextNetParams(), prepared).to(device)
     c = prepared["image_shape"][0]
     return build_model(recipe.model, c, len(prepared["classes"]), mean=prepared["mean"],
                        std=prepared["std"]).to(device)
