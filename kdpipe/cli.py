@@ -131,9 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
     lst.add_argument("what", choices=["models", "losses"])
     lst.add_argument("--in-channels", type=int, default=3)
     lst.add_argument("--num-classes", type=int, default=10)
-    pred = sub.add_parser("predict", help="top classes of images with an exported ONNX model (no torch needed)")
+    pred = sub.add_parser("predict", help="top classes of images, or of texts for a text model, with an exported "
+                                          "ONNX model (no torch needed)")
     pred.add_argument("--model", required=True, help="an .onnx file or a registry URI, e.g. models:/kdpipe-student@champion")
-    pred.add_argument("images", nargs="+", metavar="IMAGE")
+    pred.add_argument("images", nargs="+", metavar="IMAGE_OR_TEXT",
+                      help="image files or folders; with a text model, the texts to classify")
     pred.add_argument("--top", type=int, default=3, help="how many classes to show per image (default 3)")
     pred.add_argument("--tracking-uri", default=None,
                       help="MLflow store for models:/ URIs (default: MLFLOW_TRACKING_URI, else ./mlflow.db)")

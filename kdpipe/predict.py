@@ -1,4 +1,5 @@
-"""`kdpipe predict`: top-k classes of images with an exported model, using onnxruntime, PIL and numpy only.
+"""`kdpipe predict`: top-k classes of images, or of texts, with an exported model, using onnxruntime, PIL and
+numpy only (and `tokenizers` for a text model).
 
 No torch here, nor any kdpipe module that imports it: this is the path a model takes outside the training
 environment. A registry URI (models:/name@alias, models:/name/3) is downloaded with mlflow first, through
@@ -11,6 +12,9 @@ or RGB by the model's channels, an alpha channel dropped, 16-bit grey scaled to 
 and the centre square kept, or stretched for a model whose data was), so a photo of any size gets the class
 evaluate would give it. A model exported before the "resize" entry existed is read by stretching, as then. A
 folder stands for the image files directly inside it.
+
+A text model (metadata modality: text) takes the arguments as texts: tokenized with the tokenizer.json the file
+carries (prepare's, with its max_length and truncation side), then run (kdpipe.ship.text_runtime, torch-free).
 """
 
 from __future__ import annotations
@@ -84,9 +88,10 @@ def resize_of(meta: dict[str, str]) -> str:
     return resize
 
 
-def check_external_data(path: Path) -> None:
+def check_external_data(path: Path) -> dict[str, str]:
     """Refuse a model whose tensors take their data from a file outside the model's folder (an absolute
-    path, or ../ out of it), before onnxruntime opens anything: a crafted model could make it read any file."""
+    path, or ../ out of it), before onnxruntime opens anything: a crafted model could make it read any file.
+    Returns the model's metadata."""
     import onnx
 
     try:
@@ -102,6 +107,7 @@ def check_external_data(path: Path) -> None:
         if Path(location).is_absolute() or not (folder / location).resolve().is_relative_to(folder):
             raise PredictError(f"{path}: tensor {tensor.name!r} takes its data from {location!r}, outside the "
                                "model's folder; refusing to load it (only use models you trust)")
+    return {p.key: p.value for p in proto.metadata_props}
 
 
 def graph_tensors(graph):
@@ -181,9 +187,13 @@ def predict(model: str, images: list[str], top: int = 3, tracking_uri: str | Non
 
     if top < 1:
         raise PredictError(f"--top: must be >= 1 (how many classes to show per image), got {top}")
-    files = image_files(images)  # before any download: a bad folder fails fast
+    local = None if model.startswith("models:/") else model_path(model, tracking_uri, "")
+    files = None if local is not None and is_text(local) else image_files(images)  # before any download
     with tempfile.TemporaryDirectory(prefix="kdpipe-predict-") as tmp:
-        session, classes, shape, resize = load(model_path(model, tracking_uri, tmp))  # the session holds the model
+        path = local or model_path(model, tracking_uri, tmp)
+        if files is None or is_text(path):
+            return predict_texts(path, images, top)
+        session, classes, shape, resize = load(path)  # the session holds the model
     batch = np.stack([read_image(p, shape, resize) for p in files])  # (N, C, H, W) float32
     logits = session.run(None, {session.get_inputs()[0].name: batch})[0]  # (N, K)
     probs = softmax(logits.astype(np.float64))
@@ -193,10 +203,30 @@ def predict(model: str, images: list[str], top: int = 3, tracking_uri: str | Non
             for p, row in zip(files, probs, strict=True)]
 
 
+def is_text(path: Path) -> bool:
+    return check_external_data(path).get("modality") == "text"
+
+
+def predict_texts(path: Path, texts: list[str], top: int) -> list[dict]:
+    """[{text, top: [(class, probability), ...]}] for each text, best first (kdpipe.ship.text_runtime)."""
+    from kdpipe.ship.text_runtime import TextClassifier, TextModelError  # numpy only; tokenizers when used
+
+    try:
+        model = TextClassifier(path)
+        probs = model.probabilities(texts)  # (N, K)
+    except ModuleNotFoundError as e:
+        raise PredictError(f"{path}: a text model needs the {e.name} package: pip install 'kdpipe[text]'") from None
+    except TextModelError as e:
+        raise PredictError(str(e)) from None
+    k = min(top, probs.shape[1])
+    return [{"text": t, "top": [(model.classes[j], float(row[j])) for j in np.argsort(-row)[:k]]}
+            for t, row in zip(texts, probs, strict=True)]
+
+
 def format_results(results: list[dict]) -> str:
     lines = []
     for r in results:
-        lines.append(r["image"])
+        lines.append(r["image"] if "image" in r else json.dumps(r["text"][:80], ensure_ascii=False))
         lines += [f"  {rank}. {name}  {prob:.4f}" for rank, (name, prob) in enumerate(r["top"], 1)]
     return "\n".join(lines)
 

@@ -20,6 +20,8 @@ if TYPE_CHECKING:
 SERVE = "mlflow models serve -m models:/{name}@champion --env-manager local --host 127.0.0.1 --port 5001"
 CURL = ("curl -s http://127.0.0.1:5001/invocations -H 'Content-Type: application/json' "
         "-d '{{\"inputs\": <float32 array (N, {shape}) in [0, 1]>}}'")
+TEXT_CURL = ("curl -s http://127.0.0.1:5001/invocations -H 'Content-Type: application/json' "
+             "-d '{\"inputs\": [\"some text\", \"another text\"]}'")
 REPORT = "evaluate.md"  # the evaluate stage's report, in paths.reports/evaluate/ (kdpipe/stages/evaluate.py)
 
 
@@ -33,8 +35,11 @@ def card(release: Release, role: str, name: str) -> tuple[str, dict[str, str]]:
     what = {"teacher": f"the teacher ({models.teacher.name}) that kdpipe distils from",
             "student": f"a {models.student.name} student distilled from teacher {models.teacher.name} "
                        f"with method {cfg.distill.method}",
-            "int8": f"the static int8 (QDQ) quantisation of the {models.student.name} student"}[role]
+            "int8": f"the {'dynamic' if meta.get('modality') == 'text' else 'static'} int8 quantisation of the "
+                    f"{models.student.name} student"}[role]
     report = str(Paths(cfg.paths).reports("evaluate") / REPORT)
+    if meta.get("modality") == "text":
+        return text_card(what, meta, classes, cfg.data.dataset, name, report)
     tags = {"task": "image classification", "framework": "onnx (MLflow onnx flavour)", "role": role,
             "dataset": cfg.data.dataset, "classes": json.dumps(classes), "num_classes": str(len(classes)),
             "input_size": meta.get("input_size", "unknown"), "input_format": meta.get("input_format", "unknown"),
@@ -62,3 +67,22 @@ def describe_models(release: Release, registered: dict[str, dict]) -> None:
         client.update_registered_model(names[role], description=description)
         for key, value in tags.items():
             client.set_registered_model_tag(names[role], key, value)
+
+
+def text_card(what: str, meta: dict[str, str], classes: list[str], dataset: str, name: str, report: str,
+              ) -> tuple[str, dict[str, str]]:
+    """(description, tags) of a registered text model: a pyfunc taking raw strings (kdpipe/ship/text_pyfunc.py)."""
+    tags = {"task": "text classification", "framework": "pyfunc (onnx + tokenizer.json, kdpipe text_pyfunc)",
+            "dataset": dataset, "classes": json.dumps(classes), "num_classes": str(len(classes)),
+            "input_format": "strings: a list, or a DataFrame column text", "max_length": meta.get("max_length", ""),
+            "preprocess": meta.get("preprocess", "unknown"), "serve": SERVE.format(name=name),
+            "evaluation_report": report}
+    description = (
+        f"kdpipe: {what}, a text classifier trained on the {dataset} dataset ({len(classes)} classes: "
+        f"{', '.join(classes[:20])}{', ...' if len(classes) > 20 else ''}). Input: raw strings (a list, or a "
+        f"DataFrame column `text`), tokenized with the logged tokenizer.json ({tags['preprocess']}). Output per "
+        f"text: `label`, `label_index` and `probabilities` in the order of the `classes` tag. Serve the champion: "
+        f"`{tags['serve']}`, then `{TEXT_CURL}`. Promotion: the `champion` alias moves on validation accuracy only "
+        f"(`promotion_reason` on each version); `candidate` is the latest export. Evaluation report: {report} at "
+        f"the version's git_commit, and `report/` in its export run.")
+    return description, tags

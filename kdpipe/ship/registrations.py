@@ -1,6 +1,7 @@
 """Registering the export stage's versions: teacher, student and int8 described and tagged from the typed export
-results, logged with MLflow's ONNX flavour and registered, each through the candidate/champion gate of
-kdpipe/ship/gate.py.
+results, logged with MLflow's ONNX flavour (image models) or as a pyfunc that takes raw strings (text models:
+kdpipe/ship/text_pyfunc.py, with the ONNX file and tokenizer.json as its artifacts) and registered, each through
+the candidate/champion gate of kdpipe/ship/gate.py.
 
 The teacher's kdpipe checkpoint is logged beside its version (tag `checkpoint_artifact`), so a later run can
 reuse it with teacher.source: registry. Each version's tags and description carry its lineage (git commit,
@@ -20,9 +21,8 @@ from kdpipe.ship.gate import apply_gate
 from kdpipe.ship.registry import mlflow_module
 
 if TYPE_CHECKING:
-    from torch import Tensor
-
     from kdpipe.config import Config
+    from kdpipe.ship.feeds import ImageFeed, TextFeed
     from kdpipe.ship.shipping import Models, Shipment
 
 @dataclass(frozen=True)
@@ -50,27 +50,21 @@ def pip_requirements() -> list[str]:
 
 
 def register_onnx(entry: Registration, input_example, *, parity_passed: bool = True,
-                  promote: tuple[bool, str] = (True, ""), rule: str = "point") -> dict:
-    """Log `entry.onnx_path` with the ONNX flavour into the active run, register it as a new version of
-    `entry.name` with its tags and description, then apply the gate (`promote`: gate.promotion's pair). Returns
-    apply_gate's dict.
+                  promote: tuple[bool, str] = (True, ""), rule: str = "point", tokenizer: Path | None = None) -> dict:
+    """Log `entry.onnx_path` into the active run (the ONNX flavour; with a `tokenizer`, the text pyfunc), register
+    it as a new version of `entry.name` with its tags and description, then apply the gate (`promote`:
+    gate.promotion's pair). Returns apply_gate's dict.
 
-    input_example: a few images, float32 [0, 1] (N, C, H, W); the signature is inferred from it and the
-    model's logits. The ONNX file is loaded fresh here: `mlflow.onnx.log_model` mutates the object it gets.
+    input_example: a few images, float32 [0, 1] (N, C, H, W), or a few strings for a text model; the signature
+    is inferred from it and the model's output.
     """
-    import onnx
+    mlflow = mlflow_module()
+    if tokenizer is not None:
+        from kdpipe.ship.text_pyfunc import log_model
 
-    mlflow_module()
-    import mlflow.onnx
-    from mlflow.models import infer_signature
-
-    logits = _run_onnx(entry.onnx_path, input_example)
-    info = mlflow.onnx.log_model(
-        onnx.load(entry.onnx_path), name=entry.artifact_name, registered_model_name=entry.name,
-        signature=infer_signature(input_example, {"logits": logits}), input_example=input_example,
-        pip_requirements=pip_requirements(), onnx_execution_providers=["CPUExecutionProvider"],
-        save_as_external_data=False,  # one self-contained model.onnx, as exported
-    )
+        info = log_model(entry, input_example, tokenizer, pip_requirements())
+    else:
+        info = log_onnx(entry, input_example)
     version = str(info.registered_model_version)
     client = mlflow.MlflowClient()
     tags = {**entry.tags, "test_accuracy": f"{entry.test_accuracy:.6f}", "dataset_digest": entry.dataset_digest}
@@ -82,6 +76,24 @@ def register_onnx(entry: Registration, input_example, *, parity_passed: bool = T
         client.update_model_version(entry.name, version, description=entry.description)
     return apply_gate(client, entry.name, version, parity_passed=parity_passed, promote=promote, rule=rule,
                       compare=entry.compare)
+
+
+def log_onnx(entry: Registration, input_example):
+    """The ONNX flavour's logged and registered model. The file is loaded fresh: `mlflow.onnx.log_model` mutates
+    the object it gets."""
+    import onnx
+
+    mlflow_module()
+    import mlflow.onnx
+    from mlflow.models import infer_signature
+
+    logits = _run_onnx(entry.onnx_path, input_example)
+    return mlflow.onnx.log_model(
+        onnx.load(entry.onnx_path), name=entry.artifact_name, registered_model_name=entry.name,
+        signature=infer_signature(input_example, {"logits": logits}), input_example=input_example,
+        pip_requirements=pip_requirements(), onnx_execution_providers=["CPUExecutionProvider"],
+        save_as_external_data=False,  # one self-contained model.onnx, as exported
+    )
 
 
 def _run_onnx(path: Path, images):
@@ -98,9 +110,6 @@ def log_checkpoint(path: Path, artifact_path: str = "checkpoint") -> str:
     return f"runs:/{mlflow.active_run().info.run_id}/{artifact_path}/{Path(path).name}"
 
 
-EXAMPLE_IMAGES = 4  # test images logged as each registered version's input example
-
-
 @dataclass(frozen=True)
 class Release:
     """What every version registered by one export shares: params, data, commit, models, measured files, the
@@ -114,7 +123,7 @@ class Release:
     chance_accuracy: float | None = None  # the majority class's share of the validation split: the chance level
     promote: tuple[bool, str] = (True, "")  # gate.promotion(export.promote)
     lineage: dict[str, str] = field(default_factory=dict)  # export_run, teacher/scratch/distill_run, dvc_lock_sha256
-    val_split: tuple | None = None  # (val_x uint8, val_y): the images the gate runs a same-data champion on
+    feed: ImageFeed | TextFeed | None = None  # scores the validation split the gate runs a same-data champion on
 
     def entry(self, role: str, name: str, artifact: str, tags: dict, description: str) -> Registration:
         """The Registration of one shipped file: common tags, its own numbers, the lineage, then the role's `tags`;
@@ -137,14 +146,14 @@ class Release:
         champion's ONNX downloaded and run on the same images, then the paired bootstrap (new − champion) with
         the evaluate section's settings. None (no comparison) without the validation split, or when the
         champion cannot be run on it; the gate then falls back on the point rule."""
-        if self.val_split is None or correct is None:
+        if self.feed is None or correct is None:
             return None
         opts = self.cfg.evaluate
 
         def compare(champion) -> dict | None:
             from kdpipe.evidence import paired_bootstrap
 
-            theirs = champion_val_correct(champion, *self.val_split)
+            theirs = champion_val_correct(champion, self.feed)
             if theirs is None or len(theirs) != len(correct):
                 return None
             return paired_bootstrap(correct, theirs, samples=opts.bootstrap_samples, seed=opts.bootstrap_seed,
@@ -160,37 +169,37 @@ class Release:
                 f"scratch run {lin.get('scratch_run', 'unknown')}, teacher run {lin.get('teacher_run', 'unknown')}.")
 
     def register(self, entry: Registration, example) -> dict:
-        """register_onnx with this export's promotion setting and rule."""
-        return register_onnx(entry, example, promote=self.promote, rule=self.cfg.export.promote_rule)
+        """register_onnx with this export's promotion setting and rule (a text model: its tokenizer.json)."""
+        tokenizer = self.feed.tokenizer if self.feed is not None and self.feed.modality == "text" else None
+        return register_onnx(entry, example, promote=self.promote, rule=self.cfg.export.promote_rule,
+                             tokenizer=tokenizer)
 
 
-def champion_val_correct(champion, val_x, val_y):
-    """(N,) 0/1 of a registered version's ONNX on the validation images, or None when it cannot be fetched or
-    run (a version logged by hand, another input shape): the caller falls back on accuracies alone."""
+def champion_val_correct(champion, feed: ImageFeed | TextFeed):
+    """(N,) 0/1 of a registered version's ONNX on the validation split, or None when it cannot be fetched or
+    run (a version logged by hand, another input): the caller falls back on accuracies alone."""
     import shutil
     import tempfile
 
-    from kdpipe.ship.onnx_export import onnx_correct
     from kdpipe.ship.registry import download_onnx
 
     folder = tempfile.mkdtemp(prefix="kdpipe-champion-")
     try:
         path = download_onnx(f"models:/{champion.name}/{champion.version}", mlflow_module().get_tracking_uri(), folder)
-        return onnx_correct(path, val_x, val_y)
+        return feed.correct(path, "val")
     except Exception:  # noqa: BLE001 - RegistryError, or onnxruntime's own types for a model that does not fit
         return None
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def register(release: Release, test_images: Tensor, teacher_checkpoint: Path, *, int8: bool) -> dict[str, dict]:
+def register(release: Release, teacher_checkpoint: Path, *, int8: bool) -> dict[str, dict]:
     """Teacher, student and (with `int8`: within export.int8_max_accuracy_drop of validation accuracy) int8 as
     new registry versions, each through the gate, and the registered models described (model_card.py). Returns
     role → registry.register_onnx's record (version, aliases, champion, ...)."""
     from kdpipe.ship.model_card import describe_models
-    from kdpipe.ship.onnx_export import as_float01
 
-    example = as_float01(test_images[:EXAMPLE_IMAGES])  # (4, C, H, W) float32 [0, 1]
+    example = release.feed.example()  # a few test images (float32 [0, 1]) or texts
     checkpoint = log_checkpoint(teacher_checkpoint, artifact_path="teacher_checkpoint")
     registered = {"teacher": release.register(teacher_entry(release, checkpoint), example),
                   "student": release.register(student_entry(release), example)}
@@ -242,6 +251,9 @@ def student_entry(release: Release) -> Registration:
         f"{cfg.distill.method} on {cfg.data.dataset} (seed {models.seed}, chosen by validation accuracy).")
 
 
+INT8_METHODS = {"image": "static int8 (QDQ, MinMax)", "text": "dynamic int8 (int8 weights, activations per batch)"}
+
+
 def int8_entry(release: Release, fp32_version: str) -> Registration:
     """The int8 student, pointing at the fp32 version it was quantised from, with both batch-1 latencies.
 
@@ -252,7 +264,8 @@ def int8_entry(release: Release, fp32_version: str) -> Registration:
     description say it plainly; whoever deploys picks by the figures."""
     cfg, models, shipment = release.cfg, release.models, release.shipment
     slower, fp32_b1, int8_b1 = shipment.int8_slower, shipment.student.latency.b1, shipment.int8.latency.b1
-    tags = {**student_tags(release, shipment.int8), "quantization": "static int8 (QDQ, MinMax)",
+    method = INT8_METHODS[release.feed.modality if release.feed is not None else "image"]
+    tags = {**student_tags(release, shipment.int8), "quantization": method,
             "int8_accuracy_drop": f"{shipment.int8_drop:.6f}",
             "int8_val_accuracy_drop": f"{shipment.int8_val_drop:.6f}",
             "fp32_version": fp32_version, "int8_slower_than_fp32": str(slower).lower(),
@@ -261,7 +274,7 @@ def int8_entry(release: Release, fp32_version: str) -> Registration:
              if slower else f"{int8_b1:.3f} ms vs fp32 {fp32_b1:.3f} ms at batch 1")
     return release.entry(
         "int8", f"{cfg.export.registered_model}-int8", "student_int8", tags,
-        f"int8 (static QDQ) of kdpipe student {models.student.name} distilled from teacher {models.teacher.name} "
+        f"{method} of kdpipe student {models.student.name} distilled from teacher {models.teacher.name} "
         f"with method {cfg.distill.method} on {cfg.data.dataset} (seed {models.seed}); fp32 version "
         f"{fp32_version}; {speed}.")
 

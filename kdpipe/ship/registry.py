@@ -121,7 +121,8 @@ def download_teacher_checkpoint(uri: str, tracking_uri: str, dst: str | Path) ->
 
 
 def download_onnx(uri: str, tracking_uri: str, dst: str | Path | None = None) -> Path:
-    """The model.onnx file of a registered version, downloaded into `dst` (a new temp dir by default)."""
+    """The model.onnx file of a registered version (the ONNX flavour's, or a text pyfunc's artifact), downloaded
+    into `dst` (a new temp dir by default)."""
     mlflow = mlflow_module()
     version = resolve(uri, tracking_uri)
     dst = Path(dst or tempfile.mkdtemp(prefix="kdpipe-model-"))
@@ -129,9 +130,10 @@ def download_onnx(uri: str, tracking_uri: str, dst: str | Path | None = None) ->
     # mlflow's global registry (./mlflow.db when none is set), whatever tracking_uri says.
     client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     source = client.get_model_version_download_uri(version.name, version.version)
-    path = _download(uri, source, dst, tracking_uri) / ONNX_FILE
+    root = _download(uri, source, dst, tracking_uri)
+    path = root / ONNX_FILE if (root / ONNX_FILE).is_file() else root / "artifacts" / ONNX_FILE  # the text pyfunc's
     if not path.is_file():
-        raise RegistryError(f"{uri}: version {version.version} holds no {ONNX_FILE} (not an ONNX-flavour model)")
+        raise RegistryError(f"{uri}: version {version.version} holds no {ONNX_FILE} (not a kdpipe ONNX or text model)")
     return path
 
 

@@ -2,8 +2,9 @@
 staging folder and compared with PyTorch over the whole test split, then timed under onnxruntime, the student
 quantised to int8, and everything renamed into place only once every check passed.
 
-kdpipe/ship/onnx_export.py handles one file at a time; this module knows the roles (teacher, student, int8, and the
-scratch student, exported only to be timed for the trade-off plot) and reads the export.* params.
+kdpipe/ship/onnx_export.py (images) and text_onnx.py (token ids) handle one file at a time, kdpipe/ship/feeds.py
+what a model of either modality is fed; this module knows the roles (teacher, student, int8, and the scratch
+student, exported only to be timed for the trade-off plot) and reads the export.* params.
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import numpy as np
-    from torch import Tensor, nn
+    from torch import nn
 
     from kdpipe.config import Config, ExportConfig
     from kdpipe.paths import Paths
+    from kdpipe.ship.feeds import ImageFeed, TextFeed
 
 BIG_BATCH = 64  # the second latency batch size: throughput, where batch 1 is one request
 
@@ -47,29 +49,32 @@ class Models:
 
 def TemperatureScaled(model: nn.Module, temperature: float) -> nn.Module:  # noqa: N802 - a class factory
     """`model` with its logits divided by `temperature` (temperature scaling, Guo et al. 2017): the same argmax,
-    better calibrated probabilities. Keeps the Classifier's name, channels and classes, so it exports like one;
-    torch is imported here, as everywhere in this module, only when it is used."""
+    better calibrated probabilities. Keeps the model's name, channels (images) and classes, so it exports like
+    one; images or token ids pass through. torch is imported here, as everywhere in this module, only when used."""
     import torch
 
     class Scaled(torch.nn.Module):
         def __init__(self):
             super().__init__()
             self.model = model
-            self.name, self.in_channels, self.num_classes = model.name, model.in_channels, model.num_classes
+            self.name, self.num_classes = model.name, model.num_classes
+            self.in_channels = getattr(model, "in_channels", None)
             self.temperature = float(temperature)
 
-        def forward(self, x):
-            return self.model(x) / self.temperature
+        def forward(self, *inputs):  # (images,) or (input_ids, attention_mask)
+            return self.model(*inputs) / self.temperature
 
     return Scaled()
 
 
 @dataclass(frozen=True)
 class Latency:
-    """onnxruntime CPU milliseconds per session.run on a whole batch (not per image), median after warm-up."""
+    """onnxruntime CPU milliseconds per session.run on a whole batch (not per image), median after warm-up. Text
+    models: at max_length tokens, and `by_length` {tokens: {"b1": ms, "b64": ms}} at each length timed."""
 
     b1: float
     b64: float
+    by_length: dict = field(default_factory=dict, compare=False)
 
 
 @dataclass(frozen=True)
@@ -137,21 +142,14 @@ def params_hash(params: dict) -> str:
 
 
 def provenance(cfg: Config, prepared: dict, model: nn.Module, ckpt: dict, role: str, git: dict,
-               extra: dict) -> dict[str, str]:
-    """ONNX metadata_props: what a consumer needs (classes, input size, the image file → input preprocessing that
-    prepare applied to the images evaluate scores, which `kdpipe predict` applies too) and where the file came from.
+               extra: dict, feed: ImageFeed | TextFeed) -> dict[str, str]:
+    """ONNX metadata_props: what a consumer needs (classes and the input, feeds.py: an image's size and
+    preprocessing, or a text model's tokenizer.json, which `kdpipe predict` applies too) and where the file came from.
 
     params_hash covers the params the checkpoint carries (the recipe that made the weights) and the opset.
     """
-    from kdpipe.data.images import describe, prepared_resize
-
-    c, h, w = prepared["image_shape"]
-    resize = prepared_resize(prepared.get("params", {}).get("data", {}))  # as prepare made the evaluated images
     return {
-        "classes": json.dumps(list(prepared["classes"])), "input_size": f"{c}x{h}x{w}",
-        "input_format": "float32 (N, C, H, W) in [0, 1] (uint8 / 255); dynamic batch; normalisation inside",
-        "resize": resize, "preprocess": describe(resize, "L" if c == 1 else "RGB", (w, h)),
-        "role": role, "model": model.name, "dataset": cfg.data.dataset, "dataset_digest": prepared["digest"],
+        **feed.input_metadata(), "role": role, "model": model.name, "dataset": cfg.data.dataset, "dataset_digest": prepared["digest"],
         "params_hash": params_hash({"params": ckpt.get("params", {}), "opset": cfg.export.opset}),
         "git_commit": git["git_commit"], "git_dirty": git["git_dirty"],
         **{k: str(v) for k, v in extra.items()},
@@ -169,12 +167,10 @@ def staging(paths: Paths) -> Iterator[Path]:
 
 
 def export_checked(cfg: Config, prepared: dict, models: Models, paths: Paths, folder: Path,
-                   git: dict) -> dict[str, Exported]:
-    """Teacher and student exported into the staging `folder` (self-contained, dynamic batch, provenance in
-    the metadata) and compared with PyTorch on the whole test split. Nothing raises on a failed comparison:
-    the caller logs the numbers first, then calls `require_parity`."""
-    from kdpipe.ship.onnx_export import export_onnx, parity
-
+                   git: dict, feed: ImageFeed | TextFeed) -> dict[str, Exported]:
+    """Teacher and student exported into the staging `folder` (self-contained, dynamic batch (and sequence),
+    provenance in the metadata) and compared with PyTorch on the whole test split. Nothing raises on a failed
+    comparison: the caller logs the numbers first, then calls `require_parity`."""
     roles = {"teacher": (models.teacher, models.teacher_ckpt, {"teacher_source": models.teacher_source}),
              "student": (models.student, models.student_ckpt, {"student_seed": models.seed,
                                                                "method": cfg.distill.method,
@@ -182,11 +178,9 @@ def export_checked(cfg: Config, prepared: dict, models: Models, paths: Paths, fo
                                                                **temperature_of(models.student)})}
     exported = {}
     for role, (model, ckpt, extra) in roles.items():
-        meta = provenance(cfg, prepared, model, ckpt, role, git, extra)
-        path = export_onnx(model, folder / paths.onnx(role).name, tuple(prepared["image_shape"]),
-                           opset=cfg.export.opset, metadata=meta)
-        checked = parity(model, path, prepared["test_x"], atol=cfg.export.parity_atol,
-                         min_agreement=cfg.export.parity_min_agreement)
+        meta = provenance(cfg, prepared, model, ckpt, role, git, extra, feed)
+        path = feed.export(model, folder / paths.onnx(role).name, meta, cfg.export.opset)
+        checked = feed.parity(model, path, cfg.export)
         exported[role] = Exported(role, path, checked, meta["params_hash"])
     return exported
 
@@ -208,71 +202,44 @@ def require_parity(exported: dict[str, Exported], opts: ExportConfig) -> None:
     for e in exported.values():
         p = e.parity
         if not p["passed"]:
+            what = f"{p['n_images']} test images" if "n_images" in p else f"{p['n_texts']} test texts"
             raise ExportError(
                 f"parity failed for the {e.role} ({e.path.name}): max |Δlogit| {p['parity_max_abs_diff']:.3g} "
                 f"(limit {opts.parity_atol:g}), argmax agreement {p['argmax_agreement']:.4f} "
-                f"(limit {opts.parity_min_agreement:g}) over {p['n_images']} test images; nothing registered")
+                f"(limit {opts.parity_min_agreement:g}) over {what}; nothing registered")
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Measuring and placing
 
 
-def measure(cfg: Config, prepared: dict, models: Models, exported: dict[str, Exported], paths: Paths,
-            folder: Path) -> Shipment:
+def measure(cfg: Config, models: Models, exported: dict[str, Exported], paths: Paths, folder: Path,
+            feed: ImageFeed | TextFeed) -> Shipment:
     """After parity passed: the scratch student timed, the student quantised (export.int8), then onnxruntime
     test accuracy, latency and size of every shipped file. Files stay in the staging `folder`."""
-    from kdpipe.ship.onnx_export import export_onnx, quantize_int8
-
-    shape = tuple(prepared["image_shape"])
-    scratch = export_onnx(models.scratch, folder / "scratch.onnx", shape, opset=cfg.export.opset,
-                          metadata={"role": "scratch"})
-    scratch_result = OnnxResult(None, scratch.stat().st_size, latency(scratch, shape, cfg.export),
-                                **validation(scratch, prepared))  # the gate's baseline
-    int8 = None
-    if cfg.export.int8:
-        calibration = calibration_images(prepared["train_x"], cfg.export.calibration_images, cfg.seed)
-        int8 = quantize_int8(exported["student"].path, folder / paths.onnx("int8").name, calibration)
-    teacher, student = (measured(e.path, prepared, cfg.export, parity=e.parity, params_hash=e.params_hash)
+    scratch = feed.export(models.scratch, folder / "scratch.onnx", {"role": "scratch"}, cfg.export.opset)
+    scratch_result = OnnxResult(None, scratch.stat().st_size, feed.latency(scratch, cfg.export),
+                                **validation(scratch, feed))  # the gate's baseline
+    int8 = feed.quantize(exported["student"].path, folder / paths.onnx("int8").name, cfg) if cfg.export.int8 else None
+    teacher, student = (measured(e.path, feed, cfg.export, parity=e.parity, params_hash=e.params_hash)
                         for e in (exported["teacher"], exported["student"]))
-    # quantize_int8 copies the student's metadata, params_hash included
-    int8_result = measured(int8, prepared, cfg.export, params_hash=student.params_hash) if int8 else None
+    # quantisation copies the student's metadata, params_hash included
+    int8_result = measured(int8, feed, cfg.export, params_hash=student.params_hash) if int8 else None
     return Shipment(teacher, student, scratch_result, int8_result)
 
 
-def measured(path: Path, prepared: dict, opts: ExportConfig, **checks) -> OnnxResult:
+def measured(path: Path, feed: ImageFeed | TextFeed, opts: ExportConfig, **checks) -> OnnxResult:
     """onnxruntime test and validation accuracy, latency and file size of one ONNX file."""
-    from kdpipe.ship.onnx_export import onnx_accuracy
-
-    accuracy = onnx_accuracy(path, prepared["test_x"], prepared["test_y"])
-    return OnnxResult(path, path.stat().st_size, latency(path, tuple(prepared["image_shape"]), opts), accuracy,
-                      **validation(path, prepared), **checks)
+    accuracy = float(feed.correct(path, "test").mean())
+    return OnnxResult(path, path.stat().st_size, feed.latency(path, opts), accuracy, **validation(path, feed),
+                      **checks)
 
 
-def validation(path: Path, prepared: dict) -> dict:
+def validation(path: Path, feed: ImageFeed | TextFeed) -> dict:
     """{val_accuracy, val_correct}: onnxruntime on the validation split, every model the gate compares scored the
-    same way, image by image (for the paired comparisons)."""
-    from kdpipe.ship.onnx_export import onnx_correct
-
-    hit = onnx_correct(path, prepared["val_x"], prepared["val_y"])
+    same way, input by input (for the paired comparisons)."""
+    hit = feed.correct(path, "val")
     return {"val_accuracy": float(hit.mean()), "val_correct": hit}
-
-
-def latency(path: Path, shape: tuple[int, int, int], opts: ExportConfig) -> Latency:
-    """onnxruntime CPU latency at batch 1 and BIG_BATCH (export.latency_repeats, export.latency_threads)."""
-    from kdpipe.ship.onnx_export import ort_latency_ms
-
-    b1, b64 = (ort_latency_ms(path, shape, batch_size=n, repeats=opts.latency_repeats,
-                              threads=opts.latency_threads) for n in (1, BIG_BATCH))
-    return Latency(b1, b64)
-
-
-def calibration_images(train_x: Tensor, n: int, seed: int) -> Tensor:
-    """A seeded sample of n train images (all when there are fewer): int8 calibration data."""
-    import torch
-
-    order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(seed))
-    return train_x[order[:n]]
 
 
 def place(shipment: Shipment, paths: Paths) -> Shipment:

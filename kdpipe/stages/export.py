@@ -2,11 +2,13 @@
 
 The student to ship is the distill seed the evaluate stage chose (`shipped` in metrics/evaluate.json: best
 validation accuracy; the test split never chooses). Both models are exported (self-contained, dynamic batch,
-float32 [0, 1] NCHW input, provenance in the metadata) into a staging folder and compared with PyTorch on the
-whole test split; if either fails parity the stage fails (exit 1, one line) with nothing moved into place and
+float32 [0, 1] NCHW input, provenance in the metadata; a text model takes input_ids and attention_mask with a
+dynamic sequence too, and carries the prepared tokenizer.json: kdpipe/ship/feeds.py) into a staging folder and
+compared with PyTorch on the whole test split; if either fails parity the stage fails (exit 1, one line) with nothing moved into place and
 nothing registered, and its MLflow run is marked FAILED. Then: onnxruntime CPU latency at batch 1 and 64, the
-scratch student's latency and validation accuracy (the trade-off plot; the gate's baseline), static int8, and,
-with export.registry, a registry version of each model under the candidate/champion rule of kdpipe/ship/gate.py
+scratch student's latency and validation accuracy (the trade-off plot; the gate's baseline), int8 (static for
+images, dynamic for text), and, with export.registry, a registry version of each model (a text model as a
+pyfunc that takes raw strings) under the candidate/champion rule of kdpipe/ship/gate.py
 (validation accuracy decides; export.promote: auto moves champion only outside a `dvc exp run`). The run is
 tagged with the teacher, scratch and distill runs whose checkpoints it shipped (`teacher_run`, ...).
 
@@ -35,11 +37,14 @@ REPORT, TRADEOFF = "report.md", "tradeoff.png"  # inside reports/export/
 def run(cfg: Config) -> dict:
     """Inputs checked → ONNX exported and checked → measured → placed → registered → metrics, report, MLflow."""
     from kdpipe import tracking
+    from kdpipe.data.prepared import tokenizer_file
     from kdpipe.files import write_json
     from kdpipe.run.stage import start
     from kdpipe.ship import shipping
+    from kdpipe.ship.feeds import feed_for
 
     ctx = start(cfg, OUTPUTS, exact=True)  # it trains nothing: its PyTorch side is the fp32 reference
+    feed = feed_for(ctx.prepared, tokenizer_file(ctx.paths.dataset))  # images or token ids
     models, evaluated = load_inputs(ctx)
     git = tracking.git_facts()
     with tracking.stage_run(STAGE, cfg, tags=ctx.tags(student_seed=models.seed, method=cfg.distill.method)) as run:
@@ -50,15 +55,15 @@ def run(cfg: Config) -> dict:
             print(f"export: marked {len(run.reaped)} dead export run(s) KILLED; registry versions they left, tagged "
                   f"orphan: {', '.join(orphans) or 'none'}", file=sys.stderr)
         with shipping.staging(ctx.paths) as folder:
-            exported = shipping.export_checked(cfg, ctx.prepared, models, ctx.paths, folder, git)
+            exported = shipping.export_checked(cfg, ctx.prepared, models, ctx.paths, folder, git, feed)
             run.log_metrics(shipping.parity_metrics(exported))  # before the check: a FAILED run shows why
             shipping.require_parity(exported, cfg.export)
-            measured = shipping.measure(cfg, ctx.prepared, models, exported, ctx.paths, folder)
+            measured = shipping.measure(cfg, models, exported, ctx.paths, folder, feed)
             shipment = shipping.place(measured, ctx.paths)
         lineage = shipped_from(ctx, models, run)  # run ids: MLflow tags, not DVC metrics (they differ every run)
         metrics = export_metrics(ctx, models, evaluated["shipped"], shipment)
         if cfg.export.registry:
-            metrics = with_registry(metrics, register(ctx, models, shipment, metrics, git, lineage))
+            metrics = with_registry(metrics, register(ctx, models, shipment, metrics, git, lineage, feed))
         write_json(ctx.paths.metrics(STAGE), metrics)
         report = write_report(ctx, metrics, shipment, evaluated)
         log_outputs(run, metrics, report, ctx.paths.metrics(STAGE))
@@ -125,7 +130,7 @@ def shipped_from(ctx: StageContext, models: Models, run) -> dict[str, str]:
 
 
 def register(ctx: StageContext, models: Models, shipment: Shipment, metrics: dict, git: dict,
-             lineage: dict[str, str]) -> dict:
+             lineage: dict[str, str], feed) -> dict:
     """Registry versions of the shipped files (int8 only within export.int8_max_accuracy_drop on validation),
     gated on validation accuracy against the validation split's chance level, promoted as export.promote says."""
     from kdpipe.metrics import chance_accuracy
@@ -134,9 +139,8 @@ def register(ctx: StageContext, models: Models, shipment: Shipment, metrics: dic
     from kdpipe.ship.registrations import register as register_versions
 
     release = Release(ctx.cfg, ctx.digest, git["git_commit"], models, shipment,
-                      chance_accuracy(ctx.prepared["val_y"]), promotion(ctx.cfg.export.promote), lineage,
-                      val_split=(ctx.prepared["val_x"], ctx.prepared["val_y"]))
-    return register_versions(release, ctx.prepared["test_x"], ctx.paths.teacher, int8=metrics["int8_registrable"])
+                      chance_accuracy(ctx.prepared["val_y"]), promotion(ctx.cfg.export.promote), lineage, feed=feed)
+    return register_versions(release, ctx.paths.teacher, int8=metrics["int8_registrable"])
 
 
 def export_metrics(ctx: StageContext, models: Models, shipped: dict, shipment: Shipment) -> dict:
@@ -164,13 +168,22 @@ def export_metrics(ctx: StageContext, models: Models, shipped: dict, shipment: S
         "student_onnx_val_accuracy": student.val_accuracy, "scratch_onnx_val_accuracy": scratch.val_accuracy,
         "onnx_bytes": {"scratch": scratch.size_bytes,
                        **{role: result.size_bytes for role, result in shipment.shipped().items()}},
-        "latency_threads": cfg.export.latency_threads,
+        "latency_threads": cfg.export.latency_threads, **latency_by_length(shipment),
         "registered_version": None, "champion": False, "teacher_registered_version": None,
         "teacher_champion": False, "int8_registered_version": None, "registry": {},
         "dataset_digest": ctx.digest, "reproducible": ctx.rt.reproducible,
         "params": {"seed": cfg.seed, "student_seeds": list(cfg.student.seeds),
                    "distill_method": cfg.distill.method, "export": cfg.export.model_dump(mode="json")},
     }
+
+
+def latency_by_length(shipment: Shipment) -> dict:
+    """A text model's latencies at each length timed ({"student_latency_ms_by_length": {"16": {"b1": ms, "b64": ms},
+    ...}, ...}, b1/b64 above being the max_length figures); nothing for images."""
+    results = {"teacher": shipment.teacher, "student": shipment.student, "scratch": shipment.scratch,
+               "int8": shipment.int8}
+    return {f"{role}_latency_ms_by_length": {str(n): ms for n, ms in r.latency.by_length.items()}
+            for role, r in results.items() if r is not None and r.latency.by_length}
 
 
 def with_registry(metrics: dict, registered: dict) -> dict:
