@@ -10,6 +10,7 @@ order of the model's classes, which its registered model's `classes` tag lists).
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import mlflow.pyfunc
@@ -19,17 +20,20 @@ from kdpipe.ship.text_runtime import TextClassifier, as_texts
 ONNX_ARTIFACT, TOKENIZER_ARTIFACT = "model.onnx", "tokenizer.json"  # the artifacts' keys and file names
 
 
-class TextPyfunc(mlflow.pyfunc.PythonModel):
-    def load_context(self, context) -> None:
-        self.model = TextClassifier(context.artifacts[ONNX_ARTIFACT], context.artifacts[TOKENIZER_ARTIFACT])
+with warnings.catch_warnings():  # MLflow suggests type hints; this model checks its input itself (as_texts)
+    warnings.simplefilter("ignore", UserWarning)
 
-    def predict(self, context, model_input, params=None):
-        import pandas as pd
+    class TextPyfunc(mlflow.pyfunc.PythonModel):
+        def load_context(self, context) -> None:
+            self.model = TextClassifier(context.artifacts[ONNX_ARTIFACT], context.artifacts[TOKENIZER_ARTIFACT])
 
-        probs = self.model.probabilities(as_texts(model_input))  # (N, K)
-        best = probs.argmax(1)
-        return pd.DataFrame({"label": [self.model.classes[i] for i in best], "label_index": best.astype(int),
-                             "probabilities": [row.tolist() for row in probs]})
+        def predict(self, context, model_input, params=None):
+            import pandas as pd
+
+            probs = self.model.probabilities(as_texts(model_input))  # (N, K)
+            best = probs.argmax(1)
+            return pd.DataFrame({"label": [self.model.classes[i] for i in best], "label_index": best.astype(int),
+                                 "probabilities": [row.tolist() for row in probs]})
 
 
 def code_paths(folder: Path) -> list[str]:
@@ -61,7 +65,9 @@ def log_model(entry, texts: list[str], tokenizer: Path, requirements: list[str])
 
     model = TextPyfunc()
     model.model = TextClassifier(entry.onnx_path, tokenizer)
-    outputs = infer_signature(texts, model.predict(None, texts)).outputs
+    with warnings.catch_warnings():  # "integer columns cannot represent missing values": label_index never is
+        warnings.simplefilter("ignore", UserWarning)
+        outputs = infer_signature(texts, model.predict(None, texts)).outputs
     requirements = [*requirements, *(f"{name}=={version(name)}" for name in ("tokenizers", "pandas"))]
     with tempfile.TemporaryDirectory(prefix="kdpipe-pyfunc-") as tmp:
         artifacts = {ONNX_ARTIFACT: Path(tmp, ONNX_ARTIFACT), TOKENIZER_ARTIFACT: Path(tmp, TOKENIZER_ARTIFACT)}
