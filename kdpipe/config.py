@@ -263,9 +263,11 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _models_fit_the_modality(self) -> Config:
-        from kdpipe.distill.methods import FEATURE_TERMS
+        from kdpipe.distill.methods import FEATURE_TERMS, check_terms_fit_model
         from kdpipe.models.text_nets import is_text_model
 
+        if not self.data.is_text:  # the text terms (hidden, attn, cos) read token hidden states
+            check_terms_fit_model(self.distill.resolved_weights(), text=False)
         check_modality(self, is_text_model, FEATURE_TERMS)
         return self
 

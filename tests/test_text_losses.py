@@ -1,6 +1,8 @@
 """The transformer feature losses (kdpipe/distill/transformer_losses.py) against references computed by explicit
 loops in numpy, their masks, their gradients, and their registration as loss terms."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -317,3 +319,20 @@ def test_terms_that_fit_pass():
     methods.check_terms_fit_model({"kd": 1.0, "hidden": 1.0, "attn": 0.0}, text=True, attention=False)
     methods.check_terms_fit_model(methods.PRESETS["fitnet"], text=False)
     methods.check_terms_fit_model(methods.PRESETS["kd"], text=False)
+
+
+@pytest.mark.parametrize(("distill", "term"), [({"method": "tinybert"}, "hidden"), ({"method": "distilbert"}, "cos"),
+                                               ({"method": "kd", "weights": {"attn": 1.0}}, "attn")])
+def test_params_weighting_a_text_term_for_an_image_model_fail_in_one_line(tmp_path, capsys, distill, term):
+    import yaml
+
+    from kdpipe import cli
+    from kdpipe.errors import EXIT_USER_ERROR
+
+    params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())  # the image pipeline
+    params["distill"] = distill
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    assert cli.main(["check-params", str(path)]) == EXIT_USER_ERROR
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"the {term} term reads token hidden states" in err[0] and "image models" in err[0], err
