@@ -18,7 +18,7 @@ venv:
 	  echo "installing kdpipe into $(VENV) (pyproject.toml changed or new venv)"; \
 	  [ -x $(VENV)/bin/python ] || $(PYTHON) -m venv $(VENV) || exit 1; \
 	  $(VENV)/bin/pip install -q --upgrade pip && \
-	  $(VENV)/bin/pip install -q -e '.[dev]' && \
+	  $(VENV)/bin/pip install -q -e '.[dev,text]' && \
 	  echo "$$want" > $(VENV)/.pyproject.sha256; \
 	fi
 
