@@ -263,12 +263,13 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _models_fit_the_modality(self) -> Config:
-        from kdpipe.distill.methods import FEATURE_TERMS, check_terms_fit_model
+        from kdpipe.distill.methods import check_terms_fit_model
         from kdpipe.models.text_nets import is_text_model
 
-        if not self.data.is_text:  # the text terms (hidden, attn, cos) read token hidden states
-            check_terms_fit_model(self.distill.resolved_weights(), text=False)
-        check_modality(self, is_text_model, FEATURE_TERMS)
+        # the text terms (hidden, attn, cos) read token hidden states, attn also attention maps (not text_cnn's)
+        check_terms_fit_model(self.distill.resolved_weights(), text=self.data.is_text,
+                              attention=self.student.model != "text_cnn")
+        check_modality(self, is_text_model)
         return self
 
     @model_validator(mode="after")

@@ -81,9 +81,9 @@ def check_text_data(data) -> None:
         raise ValueError("in_memory: token ids always live on the device (a few bytes per token); set it to auto")
 
 
-def check_modality(cfg, is_text_model, feature_terms: tuple[str, ...]) -> None:
-    """The models, teacher source, augmentation and loss terms a dataset's modality allows (cfg: a config.Config;
-    is_text_model: kdpipe.models.text_nets' check; feature_terms: the image feature terms): ValueError otherwise."""
+def check_modality(cfg, is_text_model) -> None:
+    """The models, teacher source, augmentation and tokenizer a dataset's modality allows (cfg: a config.Config;
+    is_text_model: kdpipe.models.text_nets' check): ValueError otherwise. Loss terms: methods.check_terms_fit_model."""
     text = cfg.data.is_text
     if not text:
         if cfg.teacher.source == "transformers":
@@ -107,11 +107,6 @@ def check_modality(cfg, is_text_model, feature_terms: tuple[str, ...]) -> None:
     if cfg.teacher.source not in ("train", "transformers"):
         raise ValueError(f"teacher.source: {cfg.teacher.source} brings image models; for text use train "
                          f"(text_transformer) or transformers")
-    weights = cfg.distill.resolved_weights()
-    image_terms = [t for t in feature_terms if weights.get(t)]
-    if image_terms:
-        raise ValueError(f"distill.method: {image_terms[0]} matches image feature maps; for text use a logit "
-                         f"method (kd, dkd, dist, mse, ce)")
     tokenizer = cfg.data.text_params.tokenizer
     if cfg.teacher.source == "transformers" and tokenizer != cfg.teacher.model:
         raise ValueError(f"data.text.tokenizer: a transformers teacher reads its own tokenizer's ids; set it to "

@@ -33,6 +33,7 @@ class HFTextTeacher(nn.Module):
         super().__init__()
         self.net, self.pad_id, self.max_length = net, pad_id, max_length
         self.num_classes, self.vocab_size = net.config.num_labels, net.config.vocab_size
+        self.hidden_width = net.config.hidden_size
         self.hf_config = json.loads(net.config.to_json_string())  # plain types: a weights_only load reads it
 
     def _mask(self, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:

@@ -31,6 +31,7 @@ class TextNet(nn.Module):
         self.name, self.text_args = name, dict(text_args)
         self.num_classes, self.pad_id = text_args["num_classes"], text_args["pad_id"]
         self.vocab_size, self.max_length = text_args["vocab_size"], text_args["max_length"]
+        self.hidden_width = text_args["width"]  # of every hidden state text_features returns
 
     def mask_of(self, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
         """(B, L) bool, True at tokens."""

@@ -21,6 +21,7 @@ from kdpipe.distill.methods import needs_features
 from kdpipe.distill.views import TeacherViews
 from kdpipe.models.zoo import Ensemble
 from kdpipe.paths import Paths
+from kdpipe.train import text_distill
 from kdpipe.train.engine import fit
 from kdpipe.train.objective import LossFn, Objective
 
@@ -187,6 +188,8 @@ class Distiller:
     def objective(self, student: nn.Module, seed: int, splits) -> Objective:
         """The student's loss, its FitNets adapter (after the hint phase, when asked) and its curriculum."""
         cfg = self.cfg
+        if text_distill.is_text(student) and needs_features(self.weights):
+            return self.text_objective(student, seed)
         adapter = make_hint_adapter(student, self.teacher, cfg.distill)
         crd_head = make_crd_head(student, self.teacher, len(splits[0]), cfg.distill, seed)
         extra = [self.rt.prepare(m) for m in (adapter, crd_head) if m is not None]
@@ -200,6 +203,17 @@ class Distiller:
                 if cfg.curriculum.enabled else None)
         return Objective(loss_fn=loss_fn, extra_modules=extra, epoch_pool=pool,
                          augment=self.views.reading(splits[0]).augment if self.views is not None else None)
+
+    def text_objective(self, student: nn.Module, seed: int) -> Objective:
+        """A text student taught through hidden states or attention maps (text_distill), with its projection."""
+        projection = text_distill.make_projection(student, self.teacher, self.weights)
+        extra = [self.rt.prepare(projection)] if projection is not None else []
+        pool = (curriculum.epoch_pools(self.cfg.curriculum, self.difficulty, self.cfg.student.epochs, seed)
+                if self.cfg.curriculum.enabled else None)
+        loss_fn = text_distill.text_distill_loss(self.cfg.distill, self.teacher, weights=self.weights,
+                                                 projection=extra[0] if extra else None,
+                                                 label_smoothing=self.cfg.student.label_smoothing)
+        return Objective(loss_fn=loss_fn, extra_modules=extra, epoch_pool=pool)
 
     def hint_phase(self, student: nn.Module, adapter: nn.Module, seed: int, splits) -> None:
         """FitNets stage 1 (Romero et al. 2015): train the student up to its guided layer, with the adapter,
