@@ -85,6 +85,8 @@ def test_the_logged_model_carries_its_onnx_tokenizer_and_code(registered):
     root = downloaded.parent.parent
     assert (root / "artifacts" / "tokenizer.json").read_text() == tokenizer_path.read_text()
     assert (root / "code" / "kdpipe" / "ship" / "text_runtime.py").is_file()
+    assert not list(root.rglob("*.pkl"))  # models from code: a script to run, no pickle to trust
+    assert "set_model(TextPyfunc())" in (root / "text_model.py").read_text()
     requirements = (root / "requirements.txt").read_text()
     assert "onnxruntime==" in requirements and "tokenizers==" in requirements
 

@@ -1,6 +1,7 @@
 """The registered text model: an MLflow pyfunc that takes raw strings, tokenizes them with the logged
 tokenizer.json and runs the logged ONNX file (text_runtime.TextClassifier), so `mlflow models serve` answers
-text. It is logged with this file, text_runtime.py and the two package __init__ files as its code (`code_paths`),
+text. It is logged as MLflow "models from code" (MODEL_SCRIPT, a three-line script, not a pickle: loading it runs
+only that script), with this file, text_runtime.py and the two package __init__ files as its code (`code_paths`),
 and needs only mlflow, numpy, pandas, onnxruntime and tokenizers where it is served.
 
 Input: a DataFrame with a `text` column (or one column of strings), a list of strings, or one string. Output: a
@@ -18,6 +19,13 @@ import mlflow.pyfunc
 from kdpipe.ship.text_runtime import TextClassifier, as_texts
 
 ONNX_ARTIFACT, TOKENIZER_ARTIFACT = "model.onnx", "tokenizer.json"  # the artifacts' keys and file names
+MODEL_SCRIPT = '''# kdpipe's registered text model (MLflow models from code): TextPyfunc of kdpipe/ship/text_pyfunc.py
+import mlflow.models
+
+from kdpipe.ship.text_pyfunc import TextPyfunc
+
+mlflow.models.set_model(TextPyfunc())
+'''
 
 
 with warnings.catch_warnings():  # MLflow suggests type hints; this model checks its input itself (as_texts)
@@ -38,7 +46,7 @@ with warnings.catch_warnings():  # MLflow suggests type hints; this model checks
 
 def code_paths(folder: Path) -> list[str]:
     """The package files the logged model needs, copied as kdpipe/ship/... under `folder`: MLflow puts them on the
-    server's path, so the pickled TextPyfunc unpickles where kdpipe is not installed."""
+    server's path, so MODEL_SCRIPT's import works where kdpipe is not installed."""
     import shutil
 
     here = Path(__file__).parent
@@ -73,8 +81,10 @@ def log_model(entry, texts: list[str], tokenizer: Path, requirements: list[str])
         artifacts = {ONNX_ARTIFACT: Path(tmp, ONNX_ARTIFACT), TOKENIZER_ARTIFACT: Path(tmp, TOKENIZER_ARTIFACT)}
         for source, copy in zip((entry.onnx_path, tokenizer), artifacts.values(), strict=True):
             shutil.copyfile(source, copy)  # logged under artifacts/ by these names, whatever the files are called
+        script = Path(tmp, "text_model.py")
+        script.write_text(MODEL_SCRIPT)
         return mlflow.pyfunc.log_model(
-            name=entry.artifact_name, python_model=TextPyfunc(), registered_model_name=entry.name,
+            name=entry.artifact_name, python_model=str(script), registered_model_name=entry.name,
             artifacts={key: str(path) for key, path in artifacts.items()},
             code_paths=code_paths(Path(tmp, "code")), input_example=texts, pip_requirements=requirements,
             signature=ModelSignature(inputs=Schema([ColSpec("string")]), outputs=outputs))
