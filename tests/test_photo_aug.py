@@ -108,6 +108,80 @@ def test_batched_resized_crop_equals_torchvision_per_image(shape):
     torch.testing.assert_close(smaller[3], TF.horizontal_flip(ref) if flipped[3] else ref, atol=2e-6, rtol=0)
 
 
+def _torchvision_view(img, box, flipped, factors, size):
+    """One uint8 image as torchvision v2 augments it: resized_crop (antialiased), flip, to float, adjust_*."""
+    from torchvision.transforms.v2 import functional as TF
+
+    out = TF.resized_crop(img, *box.tolist(), list(size), antialias=True)
+    out = TF.to_dtype(TF.horizontal_flip(out) if flipped else out, torch.float32, scale=True)
+    b, c, s = factors.tolist()
+    return TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(out, b), c), s)
+
+
+@pytest.mark.parametrize("channels, shape, size", [(3, (24, 24), (24, 24)), (3, (20, 28), (20, 28)),
+                                                   (3, (40, 40), (12, 10)), (1, (24, 24), (24, 24))])
+def test_the_uint8_path_equals_torchvision_on_uint8_images(channels, shape, size):
+    """The CPU's uint8 path resizes each box with the kernel torchvision's resized_crop uses on a uint8 image
+    (antialiased: the 40 px crops shrunk to 12 × 10 take the filter), so the two agree to float rounding; the float
+    path, resampling floats, differs from both by the uint8 rounding of the resized crop."""
+    h, w = shape
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randint(0, 256, (24, channels, h, w), dtype=torch.uint8, generator=gen)
+    d = photo_aug.draw(24, h, w, StudentConfig(**{**PHOTO, "mixup_alpha": 0.0, "cutmix_alpha": 0.0}), gen, flip=True)
+    out = photo_aug.render_uint8(x, d.box, d.flipped, d.jitter, size)
+    assert out.dtype == torch.float32 and out.shape == (24, channels, *size) and d.flipped.any()
+    for i in range(24):
+        ref = _torchvision_view(x[i], d.box[i], d.flipped[i], d.jitter[i], size)
+        torch.testing.assert_close(out[i], ref, atol=1e-6, rtol=0)
+    plain = photo_aug.render_uint8(x, d.box, d.flipped, None, size)  # no colour: the resized crop / 255
+    assert torch.equal(plain * 255, (plain * 255).round()) and not torch.equal(plain, out)
+    if size == shape:
+        float_path = photo_aug.render(to_float(x), None, d)
+        gap = (photo_aug.render(x, None, d) - float_path).abs().max()
+        assert 0 < gap < 0.02  # the uint8 rounding of the crop, through the colour factors
+
+
+def test_the_uint8_path_renders_each_image_alone_whatever_the_batch_chunk_or_threads(monkeypatch):
+    """Cached views are labelled in batches of one size and replayed in another: an image's view must not depend
+    on the images rendered beside it, on the chunking, or on the caller's torch threads."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randint(0, 256, (20, 3, 16, 16), dtype=torch.uint8, generator=gen)
+    d = photo_aug.draw(20, 16, 16, StudentConfig(**PHOTO), gen, flip=True)
+    whole = photo_aug.render(x, x[d.partner], d)
+    rows = torch.tensor([3, 17, 4])
+    assert torch.equal(photo_aug.render(x[rows], x[d.partner[rows]], d.select(rows)), whole[rows])
+    monkeypatch.setattr(photo_aug, "CHUNK_BYTES", 1)  # one image per task
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(photo_aug.render(x, x[d.partner], d), whole)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_a_large_output_reuses_a_buffer_only_once_nothing_holds_it(monkeypatch):
+    monkeypatch.setattr(photo_aug, "RECYCLE_BYTES", 0)  # every output size recycles
+    monkeypatch.setattr(photo_aug, "_SPARE", {})
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8, generator=gen)
+    draws = [photo_aug.draw(4, 16, 16, StudentConfig(**PHOTO), gen, flip=True) for _ in range(4)]
+    first = photo_aug.render(x, None, draws[0])
+    kept = first.clone()
+    second = photo_aug.render(x, None, draws[1])  # first is alive: a new buffer
+    assert torch.equal(first, kept) and second.data_ptr() != first.data_ptr()
+    ptr, view = first.data_ptr(), first[1:]
+    del first
+    third = photo_aug.render(x, None, draws[2])  # a view still holds first's buffer, second is alive
+    assert third.data_ptr() not in (ptr, second.data_ptr()) and torch.equal(view, kept[1:])
+    del view
+    with torch.inference_mode():  # the views' labelling renders under inference mode
+        fourth = photo_aug.render(x, None, draws[3])
+    assert fourth.data_ptr() == ptr  # released: reused
+    torch.testing.assert_close(fourth, photo_aug.render(to_float(x), None, draws[3]), atol=0.02, rtol=0)
+    del fourth
+    assert photo_aug.render(x, None, draws[0]).data_ptr() == ptr and torch.equal(photo_aug.render(x, None, draws[0]), kept)
+
+
 def test_crop_draws_respect_scale_and_ratio_and_fall_back_to_the_centre():
     gen = torch.Generator().manual_seed(1)
     box = photo_aug.draw_crops(2000, 32, 32, (0.3, 0.6), (0.5, 2.0), gen).float()
@@ -172,7 +246,7 @@ def test_a_cached_photo_view_replays_bit_for_bit_the_image_the_teacher_labelled(
     assert (~full).any() and d.flipped.any() and (d.jitter != 1).all() and cut.any() and mixup.any()
 
     idx = torch.tensor([5, 0, 23, 17, 5, 9, 11, 2])
-    replayed, rows, labels = views.reading(train).augment(to_float(train.x[idx]), idx, train.y[idx],
+    replayed, rows, labels = views.reading(train).augment(train.x[idx], idx, train.y[idx],  # uint8, as the step
                                                           torch.Generator().manual_seed(1))
     image, view = rows // 3, rows % 3
     assert torch.equal(image, idx)
@@ -207,7 +281,7 @@ def test_mixup_and_cutmix_mix_the_labels_for_ce_and_the_teacher_sees_the_mixed_i
     trainer = _Trainer.build(student, cfg, Runtime(CPU, "fp32", channels_last=False), 0, Objective(loss_fn=loss_fn))
     _, y, parts = trainer.step(torch.arange(16), xb, yb, lr=0.01)
 
-    expected_x, expected_y = photo_aug.augment(to_float(xb), yb, cfg, Runtime(CPU).generator(1), 4, flip=True)
+    expected_x, expected_y = photo_aug.augment(xb, yb, cfg, Runtime(CPU).generator(1), 4, flip=True)  # uint8 in
     assert torch.equal(teacher.seen[0], expected_x)  # the teacher labelled the mixed images the student saw
     assert torch.equal(y, expected_y) and (y.max(1).values < 1).sum() >= 4  # soft labels, several mixed
     ce = losses.cross_entropy(logits_seen[0], expected_y)

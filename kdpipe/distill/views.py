@@ -125,13 +125,14 @@ def label_views(teacher: nn.Module, x_uint8: torch.Tensor, k: int, crop_padding:
 
 
 def render_view(x: torch.Tensor, images, d: photo_aug.PhotoDraw, jitters: bool) -> torch.Tensor:
-    """Photo views `d` of the float batch x; `images` (uint8 (N, C, H, W), on the device or an ondisk.OnDiskArray)
+    """Photo views `d` of the uint8 batch x; `images` (uint8 (N, C, H, W), on the device or an ondisk.OnDiskArray)
     holds the partners at d.partner when the views mix (None otherwise). Labelling and replay both call this."""
     partner_x = None
     if images is not None:
         rows = d.partner.long()
         partner = images[rows.to(images.device)] if isinstance(images, torch.Tensor) else images.take(rows.cpu())
-        partner_x = to_float(partner.to(x.device, non_blocking=True))
+        partner_x = partner.to(x.device, non_blocking=True)
+        partner_x = partner_x if x.dtype == torch.uint8 else to_float(partner_x)
     return photo_aug.render(x, partner_x, d, jitters)
 
 
@@ -150,7 +151,7 @@ def label_photo_views(teacher: nn.Module, x_uint8, k: int, recipe, seed: int, rt
     teacher.eval()
     out = []
     for start in range(0, n, batch_size):
-        x = to_float(x_uint8[start : start + batch_size].to(rt.device, non_blocking=True))
+        x = x_uint8[start : start + batch_size].to(rt.device, non_blocking=True)  # uint8, as the trainer's step
         rows = torch.arange(start, start + len(x))
         per_view = []
         for v in range(k):

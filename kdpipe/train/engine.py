@@ -245,7 +245,9 @@ class _Trainer:
         for group in self.opt.param_groups:
             group["lr"] = lr
         xb = xb.to(self.rt.device, non_blocking=True)
-        x = xb if xb.dtype == torch.int64 else to_float(xb)  # token ids (text_batches.trim) stay ids
+        # Token ids (text_batches.trim) stay ids; photo recipes render the uint8 batch themselves (photo_aug.render:
+        # uint8 until the resized crop, float only at the output size).
+        x = xb if xb.dtype == torch.int64 or self.cfg.augment == "resized_crop" else to_float(xb)
         # Every rank augments the whole batch with the same generator, then trains on its shard: the views and the
         # random stream are those of one process (shard is the identity there).
         x, rows, y = self.augment(x, idx, yb.to(self.rt.device, non_blocking=True), self.aug_gen)

@@ -23,8 +23,8 @@ from kdpipe.distill import losses
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict]]
 
 
-# (float images (B, C, H, W), train positions (B,), labels (B,), generator) -> (augmented images, rows for the
-# loss, labels: y itself, or (B, K) probabilities where images were mixed)
+# (float images (B, C, H, W), uint8 for augment: resized_crop, train positions (B,), labels (B,), generator) ->
+# (augmented float images, rows for the loss, labels: y itself, or (B, K) probabilities where images were mixed)
 AugmentFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Generator],
                      tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
