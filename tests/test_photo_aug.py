@@ -15,7 +15,7 @@ from PIL import Image
 
 from kdpipe import config
 from kdpipe.config import StudentConfig
-from kdpipe.data import imagefolder, photo_aug, splits
+from kdpipe.data import imagefolder, photo_aug, photo_render, splits
 from kdpipe.data.batches import Split, to_float
 from kdpipe.data.images import load_image
 from kdpipe.distill import losses
@@ -128,12 +128,12 @@ def test_the_uint8_path_equals_torchvision_on_uint8_images(channels, shape, size
     gen = torch.Generator().manual_seed(4)
     x = torch.randint(0, 256, (24, channels, h, w), dtype=torch.uint8, generator=gen)
     d = photo_aug.draw(24, h, w, StudentConfig(**{**PHOTO, "mixup_alpha": 0.0, "cutmix_alpha": 0.0}), gen, flip=True)
-    out = photo_aug.render_uint8(x, d.box, d.flipped, d.jitter, size)
+    out = photo_render.render_uint8(x, d.box, d.flipped, d.jitter, size)
     assert out.dtype == torch.float32 and out.shape == (24, channels, *size) and d.flipped.any()
     for i in range(24):
         ref = _torchvision_view(x[i], d.box[i], d.flipped[i], d.jitter[i], size)
         torch.testing.assert_close(out[i], ref, atol=1e-6, rtol=0)
-    plain = photo_aug.render_uint8(x, d.box, d.flipped, None, size)  # no colour: the resized crop / 255
+    plain = photo_render.render_uint8(x, d.box, d.flipped, None, size)  # no colour: the resized crop / 255
     assert torch.equal(plain * 255, (plain * 255).round()) and not torch.equal(plain, out)
     if size == shape:
         float_path = photo_aug.render(to_float(x), None, d)
@@ -150,7 +150,7 @@ def test_the_uint8_path_renders_each_image_alone_whatever_the_batch_chunk_or_thr
     whole = photo_aug.render(x, x[d.partner], d)
     rows = torch.tensor([3, 17, 4])
     assert torch.equal(photo_aug.render(x[rows], x[d.partner[rows]], d.select(rows)), whole[rows])
-    monkeypatch.setattr(photo_aug, "CHUNK_BYTES", 1)  # one image per task
+    monkeypatch.setattr(photo_render, "CHUNK_BYTES", 1)  # one image per task
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -160,8 +160,8 @@ def test_the_uint8_path_renders_each_image_alone_whatever_the_batch_chunk_or_thr
 
 
 def test_a_large_output_reuses_a_buffer_only_once_nothing_holds_it(monkeypatch):
-    monkeypatch.setattr(photo_aug, "RECYCLE_BYTES", 0)  # every output size recycles
-    monkeypatch.setattr(photo_aug, "_SPARE", {})
+    monkeypatch.setattr(photo_render, "RECYCLE_BYTES", 0)  # every output size recycles
+    monkeypatch.setattr(photo_render, "_SPARE", {})
     gen = torch.Generator().manual_seed(6)
     x = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8, generator=gen)
     draws = [photo_aug.draw(4, 16, 16, StudentConfig(**PHOTO), gen, flip=True) for _ in range(4)]
