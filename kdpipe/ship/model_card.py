@@ -31,28 +31,29 @@ def card(release: Release, role: str, name: str) -> tuple[str, dict[str, str]]:
 
     cfg, models = release.cfg, release.models
     meta = read_metadata(release.shipment.shipped()[role].path)
+    text = meta.get("modality") == "text"
     classes = json.loads(meta.get("classes", "[]"))
     what = {"teacher": f"the teacher ({models.teacher.name}) that kdpipe distils from",
             "student": f"a {models.student.name} student distilled from teacher {models.teacher.name} "
                        f"with method {cfg.distill.method}",
-            "int8": f"the {'dynamic' if meta.get('modality') == 'text' else 'static'} int8 quantisation of the "
-                    f"{models.student.name} student"}[role]
+            "int8": f"the {'dynamic' if text else 'static'} int8 quantisation of the {models.student.name} student"}[role]
     report = str(Paths(cfg.paths).reports("evaluate") / REPORT)
-    if meta.get("modality") == "text":
-        return text_card(what, meta, classes, cfg.data.dataset, name, report)
-    tags = {"task": "image classification", "framework": "onnx (MLflow onnx flavour)", "role": role,
-            "dataset": cfg.data.dataset, "classes": json.dumps(classes), "num_classes": str(len(classes)),
-            "input_size": meta.get("input_size", "unknown"), "input_format": meta.get("input_format", "unknown"),
+    tags = {"role": role, "dataset": cfg.data.dataset, "classes": json.dumps(classes), "num_classes": str(len(classes)),
             "preprocess": meta.get("preprocess", "unknown"), "serve": SERVE.format(name=name),
             "evaluation_report": report}
+    listed = f"{len(classes)} classes: {', '.join(classes[:20])}{', ...' if len(classes) > 20 else ''}"
+    tail = (f"Promotion: the `champion` alias moves on validation accuracy only (`promotion_reason` on each "
+            f"version); `candidate` is the latest export. Evaluation report: {report} at the version's git_commit, "
+            f"and `report/` in its export run.")
+    if text:
+        return text_card(what, meta, tags, listed, tail)
+    tags |= {"task": "image classification", "framework": "onnx (MLflow onnx flavour)",
+             "input_size": meta.get("input_size", "unknown"), "input_format": meta.get("input_format", "unknown")}
     description = (
-        f"kdpipe: {what}, an image classifier trained on the {cfg.data.dataset} dataset ({len(classes)} classes: "
-        f"{', '.join(classes[:20])}{', ...' if len(classes) > 20 else ''}). Input `images`: {tags['input_format']}, "
-        f"size {tags['input_size']} (C x H x W); preprocessing of an image file: {tags['preprocess']}. Output "
-        f"`logits` (N, {len(classes)}). Serve the champion: `{tags['serve']}`, then "
-        f"`{CURL.format(shape=tags['input_size'].replace('x', ', '))}`. Promotion: the `champion` alias moves on "
-        f"validation accuracy only (`promotion_reason` on each version); `candidate` is the latest export. "
-        f"Evaluation report: {report} at the version's git_commit, and `report/` in its export run.")
+        f"kdpipe: {what}, an image classifier trained on the {cfg.data.dataset} dataset ({listed}). Input `images`: "
+        f"{tags['input_format']}, size {tags['input_size']} (C x H x W); preprocessing of an image file: "
+        f"{tags['preprocess']}. Output `logits` (N, {len(classes)}). Serve the champion: `{tags['serve']}`, then "
+        f"`{CURL.format(shape=tags['input_size'].replace('x', ', '))}`. {tail}")
     return description, tags
 
 
@@ -69,20 +70,14 @@ def describe_models(release: Release, registered: dict[str, dict]) -> None:
             client.set_registered_model_tag(names[role], key, value)
 
 
-def text_card(what: str, meta: dict[str, str], classes: list[str], dataset: str, name: str, report: str,
+def text_card(what: str, meta: dict[str, str], tags: dict[str, str], listed: str, tail: str,
               ) -> tuple[str, dict[str, str]]:
     """(description, tags) of a registered text model: a pyfunc taking raw strings (kdpipe/ship/text_pyfunc.py)."""
-    tags = {"task": "text classification", "framework": "pyfunc (onnx + tokenizer.json, kdpipe text_pyfunc)",
-            "dataset": dataset, "classes": json.dumps(classes), "num_classes": str(len(classes)),
-            "input_format": "strings: a list, or a DataFrame column text", "max_length": meta.get("max_length", ""),
-            "preprocess": meta.get("preprocess", "unknown"), "serve": SERVE.format(name=name),
-            "evaluation_report": report}
+    tags = {**tags, "task": "text classification", "framework": "pyfunc (onnx + tokenizer.json, kdpipe text_pyfunc)",
+            "input_format": "strings: a list, or a DataFrame column text", "max_length": meta.get("max_length", "")}
     description = (
-        f"kdpipe: {what}, a text classifier trained on the {dataset} dataset ({len(classes)} classes: "
-        f"{', '.join(classes[:20])}{', ...' if len(classes) > 20 else ''}). Input: raw strings (a list, or a "
-        f"DataFrame column `text`), tokenized with the logged tokenizer.json ({tags['preprocess']}). Output per "
-        f"text: `label`, `label_index` and `probabilities` in the order of the `classes` tag. Serve the champion: "
-        f"`{tags['serve']}`, then `{TEXT_CURL}`. Promotion: the `champion` alias moves on validation accuracy only "
-        f"(`promotion_reason` on each version); `candidate` is the latest export. Evaluation report: {report} at "
-        f"the version's git_commit, and `report/` in its export run.")
+        f"kdpipe: {what}, a text classifier trained on the {tags['dataset']} dataset ({listed}). Input: raw strings "
+        f"(a list, or a DataFrame column `text`), tokenized with the logged tokenizer.json ({tags['preprocess']}). "
+        f"Output per text: `label`, `label_index` and `probabilities` in the order of the `classes` tag. Serve the "
+        f"champion: `{tags['serve']}`, then `{TEXT_CURL}`. {tail}")
     return description, tags

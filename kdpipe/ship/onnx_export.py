@@ -7,9 +7,8 @@ hash, commit, dataset digest) travels inside the file as ONNX metadata_props.
 Exporter: the legacy TorchScript exporter (`dynamo=False`). Both exporters export every zoo model with a dynamic
 batch and match torch to ~1e-6, but in torch 2.14 the dynamo exporter's lowest opset is 18 (asking for 17 logs a
 failed down-conversion traceback) and it takes 1-9 s per model against 0.05-0.4 s here; its one complaint, a
-DeprecationWarning, is silenced.
-
-Only torch and numpy are imported at module level; onnx and onnxruntime are imported inside the functions.
+DeprecationWarning, is silenced. Only torch and numpy are imported at module level; onnx and onnxruntime inside
+the functions. Text models (token ids in): kdpipe/ship/text_onnx.py, which shares the file and timing helpers.
 """
 
 from __future__ import annotations
@@ -31,8 +30,7 @@ if TYPE_CHECKING:
     import onnxruntime
 
 INPUT_NAME, OUTPUT_NAME, BATCH_AXIS = "images", "logits", "batch"  # the graph's input, output and dynamic axis
-MIN_OPSET = 17
-CALIBRATION_BATCH = 32
+MIN_OPSET, CALIBRATION_BATCH = 17, 32  # the lowest opset exported; images per int8 calibration batch
 
 
 class ExportError(Exception):
@@ -44,11 +42,8 @@ class ExportError(Exception):
 
 
 def save_checked(model: onnx.ModelProto, path: str | Path) -> Path:
-    """Save `model` as one self-contained file, atomically: written beside the target, checked, renamed.
-
-    The checker (full_check: with shape inference) runs on the written temp file, so a model that fails it
-    never appears under `path`.
-    """
+    """Save `model` as one self-contained file, atomically: written beside the target, checked, renamed. The
+    checker (full_check: with shape inference) runs on the written temp file, so a failing model never appears."""
     import onnx
 
     path = Path(path)
@@ -216,14 +211,17 @@ def parity(model: torch.nn.Module, onnx_path: str | Path, images_uint8: torch.Te
 
 def ort_latency_ms(onnx_path: str | Path, input_shape: tuple[int, int, int], *, batch_size: int,
                    warmup: int = 5, repeats: int = 30, threads: int | None = None) -> float:
-    """Median wall-clock milliseconds of one session.run on a whole batch (not per image), after warm-up.
-
-    Input: uniform random float32 in [0, 1] of shape (batch_size, *input_shape), the same for every call.
-    """
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    """Median wall-clock milliseconds of one session.run on a whole batch (not per image), after warm-up, of
+    uniform random float32 in [0, 1] of shape (batch_size, *input_shape), the same for every call."""
     session = ort_session(onnx_path, threads=threads)
     feed = {session.get_inputs()[0].name: np.random.default_rng(0).random((batch_size, *input_shape), np.float32)}
+    return median_run_ms(session, feed, warmup, repeats)
+
+
+def median_run_ms(session: onnxruntime.InferenceSession, feed: dict, warmup: int, repeats: int) -> float:
+    """Median wall-clock ms of `session.run(None, feed)` over `repeats` calls after `warmup` untimed ones."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
     for _ in range(warmup):
         session.run(None, feed)
     times = []

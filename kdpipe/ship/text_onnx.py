@@ -11,9 +11,7 @@ Only torch and numpy are imported at module level; onnx and onnxruntime inside t
 
 from __future__ import annotations
 
-import statistics
 import tempfile
-import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +26,7 @@ from kdpipe.ship.onnx_export import (
     ExportError,
     cpu_eval_copy,
     load_onnx,
+    median_run_ms,
     one_line,
     ort_session,
     save_checked,
@@ -167,19 +166,9 @@ def text_latency_ms(onnx_path: str | Path, *, length: int, batch_size: int, voca
                     repeats: int = 30, threads: int | None = None) -> float:
     """Median wall-clock milliseconds of one session.run on a whole batch of `batch_size` texts of `length` tokens
     each (seeded random ids, no pads), after warm-up."""
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
     session = ort_session(onnx_path, threads=threads)
     ids = np.random.default_rng(0).integers(0, vocab_size, (batch_size, length), dtype=np.int64)
-    feed = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
-    for _ in range(warmup):
-        session.run(None, feed)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        session.run(None, feed)
-        times.append(time.perf_counter() - start)
-    return 1000.0 * statistics.median(times)
+    return median_run_ms(session, {"input_ids": ids, "attention_mask": np.ones_like(ids)}, warmup, repeats)
 
 
 def quantize_text_int8(fp32_path: str | Path, int8_path: str | Path) -> Path:
