@@ -286,3 +286,40 @@ def test_the_image_path_never_imports_transformers_or_tokenizers():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                           cwd=Path(__file__).parents[1])
     assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.parametrize("teacher_kind", ["bert", "text_transformer"])
+def test_distilbert_init_copies_the_embeddings_and_every_other_layer(tmp_path, teacher_kind):
+    """A 1-layer student of a 2-layer teacher: its embeddings and first layer give the teacher's embeddings and
+    first layer's hidden states exactly (BERT's token-type embedding folded into the positions)."""
+    from kdpipe.config import TextNetParams
+    from kdpipe.models.text_init import InitError, init_from_teacher
+    from kdpipe.models.text_nets import build_text_for
+
+    prepared = {"classes": ["a", "b", "c"], "vocab_size": 50, "pad_id": 0, "max_length": 24}
+    torch.manual_seed(0)
+    if teacher_kind == "bert":
+        from transformers import BertConfig, BertForSequenceClassification
+
+        from kdpipe.models.hf_teacher import HFTextTeacher
+
+        net = BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2,
+                                                       num_attention_heads=2, intermediate_size=32, num_labels=3,
+                                                       attn_implementation="eager"))
+        teacher = HFTextTeacher(net.eval(), pad_id=0, max_length=24)
+    else:
+        teacher = build_text_for("text_transformer", TextNetParams(width=16, layers=2, heads=2, ffn=32, dropout=0.0),
+                                 prepared).eval()
+    shape = {"width": 16, "heads": 2, "ffn": 32, "dropout": 0.0}
+    student = build_text_for("text_transformer", TextNetParams(layers=1, **shape), prepared).eval()
+    ids = torch.tensor([[2, 7, 9, 11, 3, 0], [2, 5, 3, 0, 0, 0]])
+    assert init_from_teacher(student, teacher) == [0]
+    with torch.no_grad():
+        _, student_hidden, _ = student.text_features(ids)
+        _, teacher_hidden, _ = teacher.text_features(ids)
+    mask = ids != 0
+    for s, t in zip(student_hidden, teacher_hidden[:2], strict=True):
+        assert torch.allclose(s[mask], t[mask], atol=1e-5)
+    wide = build_text_for("text_transformer", TextNetParams(layers=1, **{**shape, "width": 32}), prepared)
+    with pytest.raises(InitError, match="word_embeddings.weight is .* in the teacher"):
+        init_from_teacher(wide, teacher)

@@ -104,6 +104,11 @@ def check_modality(cfg, is_text_model) -> None:
             key = "crop_padding" if recipe.crop_padding else "flip" if recipe.flip else "augment"
             raise ValueError(f"{section}.{key}: image augmentation; text is not augmented (set crop_padding: 0, "
                              f"flip: false, augment: pad_crop, no mixup or cutmix)")
+    net = cfg.student.text
+    if net is not None and net.init_from_teacher and (cfg.student.model != "text_transformer" or cfg.teacher.ensemble > 1
+                                                      or cfg.teacher.model == "text_cnn"):
+        raise ValueError("student.text.init_from_teacher: a text_transformer student of one transformer teacher "
+                         f"(got student {cfg.student.model}, teacher {cfg.teacher.model} x{cfg.teacher.ensemble})")
     if cfg.teacher.source not in ("train", "transformers"):
         raise ValueError(f"teacher.source: {cfg.teacher.source} brings image models; for text use train "
                          f"(text_transformer) or transformers")

@@ -19,6 +19,7 @@ from kdpipe.data.augment_params import augments
 from kdpipe.distill import composite, curriculum, feature_losses
 from kdpipe.distill.methods import needs_features
 from kdpipe.distill.views import TeacherViews
+from kdpipe.models.text_init import init_from_teacher
 from kdpipe.models.zoo import Ensemble
 from kdpipe.paths import Paths
 from kdpipe.train import text_distill
@@ -52,6 +53,11 @@ def can_use_cached_logits(student: StudentConfig, weights: dict[str, float]) -> 
     """Cached teacher logits describe the un-augmented images; they are right only when the student
     sees exactly those, and when no term needs the teacher's intermediate features."""
     return not augments(student) and not needs_features(weights)
+
+
+def starts_from_teacher(cfg: Config) -> bool:
+    """student.text.init_from_teacher: the distilled student starts from the teacher's layers (kdpipe.models.text_init)."""
+    return cfg.student.text is not None and cfg.student.text.init_from_teacher
 
 
 def load_teacher_outputs(paths: Paths, prepared: dict) -> dict:
@@ -159,6 +165,10 @@ class Distiller:
         if not needs_features(weights) and getattr(teacher, "modality", "image") == "image":  # fold BatchNorms
             members = [fold_batchnorm(m) for m in members]
         teacher = members[0] if len(members) == 1 else Ensemble(members)
+        if starts_from_teacher(cfg):  # a student that cannot take the teacher's layers fails before any run opens
+            from kdpipe.train.students import build_student
+
+            init_from_teacher(build_student(cfg.student, prepared, "cpu"), teacher)
         return cls(cfg, rt, rt.prepare(teacher), weights,
                    outputs["train_logits"].to(rt.device) if use_cache else None,
                    outputs["difficulty"] if cfg.curriculum.enabled else None)
@@ -188,6 +198,8 @@ class Distiller:
     def objective(self, student: nn.Module, seed: int, splits) -> Objective:
         """The student's loss, its FitNets adapter (after the hint phase, when asked) and its curriculum."""
         cfg = self.cfg
+        if starts_from_teacher(cfg):  # DistilBERT: the teacher's embeddings and every other layer
+            init_from_teacher(student, self.teacher)
         if text_distill.is_text(student) and needs_features(self.weights):
             return self.text_objective(student, seed)
         adapter = make_hint_adapter(student, self.teacher, cfg.distill)
