@@ -293,7 +293,7 @@ def test_distilbert_init_copies_the_embeddings_and_every_other_layer(tmp_path, t
     """A 1-layer student of a 2-layer teacher: its embeddings and first layer give the teacher's embeddings and
     first layer's hidden states exactly (BERT's token-type embedding folded into the positions)."""
     from kdpipe.config import TextNetParams
-    from kdpipe.models.text_init import InitError, init_from_teacher
+    from kdpipe.train.text_init import InitError, init_from_teacher
     from kdpipe.models.text_nets import build_text_for
 
     prepared = {"classes": ["a", "b", "c"], "vocab_size": 50, "pad_id": 0, "max_length": 24}

@@ -55,7 +55,7 @@ class TextNetParams(_Strict):
     dropout: float = Field(default=0.1, ge=0, lt=1)
     kernel_sizes: tuple[int, ...] = Field(default=(3, 4, 5), min_length=1, strict=False)  # text_cnn's n-gram widths
     # text_transformer student of a transformers (BERT-like) teacher: start from the teacher's embeddings and
-    # every other layer (DistilBERT, Sanh et al. 2019) where the shapes match (kdpipe.models.text_init)
+    # every other layer (DistilBERT, Sanh et al. 2019) where the shapes match (kdpipe.train.text_init)
     init_from_teacher: bool = False
 
     @model_validator(mode="after")

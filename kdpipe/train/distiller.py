@@ -19,12 +19,12 @@ from kdpipe.data.augment_params import augments
 from kdpipe.distill import composite, curriculum, feature_losses
 from kdpipe.distill.methods import needs_features
 from kdpipe.distill.views import TeacherViews
-from kdpipe.models.text_init import init_from_teacher
 from kdpipe.models.zoo import Ensemble
 from kdpipe.paths import Paths
 from kdpipe.train import text_distill
 from kdpipe.train.engine import fit
 from kdpipe.train.objective import LossFn, Objective
+from kdpipe.train.text_init import init_from_teacher
 
 
 def freeze(teacher: nn.Module) -> nn.Module:
@@ -56,7 +56,7 @@ def can_use_cached_logits(student: StudentConfig, weights: dict[str, float]) -> 
 
 
 def starts_from_teacher(cfg: Config) -> bool:
-    """student.text.init_from_teacher: the distilled student starts from the teacher's layers (kdpipe.models.text_init)."""
+    """student.text.init_from_teacher: the distilled student starts from the teacher's layers (kdpipe.train.text_init)."""
     return cfg.student.text is not None and cfg.student.text.init_from_teacher
 
 
