@@ -68,8 +68,9 @@ def test_two_pipelines_create_and_share_one_new_store(tmp_path):
         work = tmp_path / name
         work.mkdir()
         params = tiny_params(work, tracking__uri=f"sqlite:///{store}", tracking__system_metrics=False)
-        params["student"].update(seeds=[0], model="tiny_cnn", chance_guard=False)  # about concurrency, not learning
-        params["teacher"].update(chance_guard=False)
+        # About concurrency, not learning: one epoch, no chance guards.
+        params["student"].update(seeds=[0], model="tiny_cnn", chance_guard=False, epochs=1, warmup_epochs=0)
+        params["teacher"].update(chance_guard=False, epochs=1, warmup_epochs=0)
         params["export"].update(latency_repeats=3, calibration_images=16)
         path = write_params(work / "params.yaml", params)
         racers.append((PIPELINE, [], work, subprocess_env(KDPIPE_PARAMS=str(path))))

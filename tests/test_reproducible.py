@@ -1,7 +1,10 @@
-"""runtime.reproducible (kdpipe/run/kernels.py): the digits pipeline, every stage its own process as under DVC,
-writes the same metrics and byte-identical data, checkpoints and curves whether or not AVX-512 is available,
-switched off by environment with the avx2 CPU profile (what an AVX2-only x86-64 CPU runs). The default mode,
-in fp32 too, writes a different teacher in those two environments: without the pins the comparison fails.
+"""runtime.reproducible (kdpipe/run/kernels.py): the digits pipeline, started as a fresh process with the
+environment under test (the pins take effect at the first stage, before torch runs a kernel), writes the same
+metrics and byte-identical data, checkpoints and curves whether or not AVX-512 is available, switched off by
+environment with the avx2 CPU profile (what an AVX2-only x86-64 CPU runs). The default mode, in fp32 too,
+writes a different teacher in those two environments: without the pins the comparison fails. The stages of one
+pipeline run one after another in one process, each through its main() as `python -m` calls it, sparing four
+interpreter start-ups of ~5 s a pipeline; each stage pins again (a no-op once pinned) and checks ATen took it.
 """
 
 from __future__ import annotations
@@ -31,18 +34,26 @@ def profile_env(profile: str) -> dict[str, str]:
     return {**env, **kernels.profile_env(profile)}
 
 
+# `stages` in order, each through its main() (argv: the params file, then the stage names), in one new process.
+STAGES_IN_ONE_PROCESS = """
+import importlib, sys
+for stage in sys.argv[2:]:
+    if importlib.import_module(f"kdpipe.stages.{stage}").main(["--params", sys.argv[1]]) != 0:
+        sys.exit(f"{stage} failed")
+"""
+
+
 def pipeline(root: Path, profile: str, stages=STAGES, **overrides) -> Path:
-    """`stages` of a tiny digits pipeline in `root`, one process each, under CPU profile `profile`."""
+    """`stages` of a tiny digits pipeline in `root`, in one new process under CPU profile `profile`."""
     params = tiny_params(root, **overrides)
     params["teacher"].update(batch_size=32)  # ~40 steps an epoch: models well above chance
     params["student"].update(model="tiny_cnn", seeds=[0], batch_size=32)
     params["tracking"]["system_metrics"] = False
     root.mkdir(parents=True, exist_ok=True)
     path = write_params(root / "params.yaml", params)
-    for stage in stages:
-        out = subprocess.run([sys.executable, "-m", f"kdpipe.stages.{stage}", "--params", str(path)], cwd=root,
-                             env=profile_env(profile), capture_output=True, text=True, timeout=300)
-        assert out.returncode == 0, f"{stage} ({profile}) failed:\n{out.stderr[-3000:]}"
+    out = subprocess.run([sys.executable, "-c", STAGES_IN_ONE_PROCESS, str(path), *stages], cwd=root,
+                         env=profile_env(profile), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, f"{stages} ({profile}) failed:\n{out.stderr[-3000:]}"
     return root
 
 
