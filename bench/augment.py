@@ -1,29 +1,35 @@
-"""Photo augmentation speed: kdpipe's batched `resized_crop` (kdpipe.data.photo_aug: one grid_sample and a few
-tensor ops for the whole batch, where the training step runs) against torchvision transforms.v2 applied image by
-image in a DataLoader (0 and 2 worker processes), on the same crops, flips and colour factors, at 32, 96 and
-224 px.
+"""Photo augmentation speed: kdpipe's batched `resized_crop` (kdpipe.data.photo_aug, where the training step runs)
+against torchvision transforms.v2 applied image by image in a DataLoader (0 and 2 worker processes), on the same
+crops, flips and colour factors, at 32, 96, 160 and 224 px. kdpipe is measured two ways, side by side in one run:
+`uint8` (the default on a CPU: photo_aug.render on the uint8 batch, each box resized straight to the output size
+by torch's uint8 kernel, colour on the result in chunks, one worker thread per torch thread) and `float` (the path
+before it and still the GPU's: to_float, then one grid_sample and colour over the whole float batch).
 
 Both sides do the same work on the same draws: a random-resized crop (scale 0.08-1, ratio 3/4-4/3) resized back to
-the stored size, a horizontal flip, then brightness, contrast and saturation (0.4 each). The draws are made once
-by photo_aug.draw; the per-sample side applies them with transforms.v2.functional (resized_crop with
-antialiasing, horizontal_flip, adjust_*) to each uint8 image and collates float batches, as a torchvision
-pipeline would; the batched side takes the uint8 batch (as the training loop cuts it from the device) and does
-to_float + render. Their outputs are compared on the first batch (max |Δ| reported). Each figure: images per
-second over a full pass after a warm-up pass, the best of `repeats` passes. `torch` intra-op threads: the
-machine's default for the batched side (it runs in the training process; `--threads` sets them); each
-DataLoader worker uses one. The per-sample side crops the uint8 image (torchvision's fast path) and rounds it,
-so the two differ by up to ~1/100 (max_abs_diff); tests/test_photo_aug.py checks the float crop to 2e-6.
+the stored size, a horizontal flip, then brightness, contrast and saturation (0.4 each). The draws are made once by
+photo_aug.draw; the per-sample side applies them with transforms.v2.functional (resized_crop with antialiasing,
+horizontal_flip, to_dtype, adjust_*) to each uint8 image and collates float batches, as a torchvision pipeline
+would (its main process does not touch the batches it receives); kdpipe's side takes the uint8 batch and writes a
+float32 batch. Outputs are compared on the first batch (max |Δ| of each pair). Each figure: images per second over
+a full pass after a warm-up pass, the median of `--rounds` passes. torch intra-op threads: the machine's default
+for kdpipe's side (it runs in the training process; `--threads` sets them); each DataLoader worker uses one.
 
-Writes bench/results/augment.json; `--quick` runs a few hundred images at each size into bench/work/augment/
-(a smoke test: results untouched). `--device cuda` runs the batched side on a GPU (the loader stays on CPU, and
-its batches are copied there, as training would). Run from the repo root: `make bench-augment`.
+`--levers` adds, at 96, 160 and 224 px, the uint8 path with one lever changed at a time (one worker thread,
+output buffers not reused, other chunk sizes, a channels_last uint8 source), each against the default in the
+same run. `--cpu-profile avx2` runs it all with torch's kernels capped at AVX2 (kdpipe.run.kernels.PROFILES).
+Writes bench/results/augment.json (each profile's run kept whole under `profiles`); `--quick` runs a few hundred
+images at each size into bench/work/augment/ (a smoke test: results untouched). `--device cuda` runs the float
+path on a GPU (the loader stays on CPU). Run from the repo root: `make bench-augment` (under
+`flock -x /tmp/kdpipe-cpu.lock` on a shared machine).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -33,10 +39,12 @@ import torch
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"
 QUICK_OUT = BENCH / "work" / "augment"
-SIZES = (32, 96, 224)
+SIZES = (32, 96, 160, 224)
+LEVER_SIZES = (96, 160, 224)
 BATCH = 128
-IMAGES = {32: 8192, 96: 4096, 224: 1024}  # per pass: a few seconds of the per-sample side each
+IMAGES = {32: 8192, 96: 4096, 160: 2048, 224: 1024}  # per pass: a few seconds of the per-sample side each
 QUICK_IMAGES = 256
+CHUNKS_MIB = (0.5, 1, 4, 8)  # besides photo_render.CHUNK_BYTES
 
 
 def recipe():
@@ -68,93 +76,170 @@ class PerSample(torch.utils.data.Dataset):
         return TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(img, b), c), s)
 
 
-def per_sample_rate(images: torch.Tensor, d, workers: int, repeats: int) -> tuple[float, torch.Tensor]:
+def timed(one_pass, n: int, rounds: int) -> float:
+    """Median images/s of `rounds` calls of one_pass() (n images each), after one untimed call."""
+    one_pass()
+    rates = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        one_pass()
+        rates.append(n / (time.perf_counter() - t0))
+    return statistics.median(rates)
+
+
+def per_sample_rate(images: torch.Tensor, d, workers: int, rounds: int) -> tuple[float, torch.Tensor]:
     """Images/s of a DataLoader over PerSample (batches of BATCH, persistent workers), and its first batch."""
     loader = torch.utils.data.DataLoader(PerSample(images, d), batch_size=BATCH, num_workers=workers,
                                          persistent_workers=workers > 0, prefetch_factor=4 if workers else None)
     first = next(iter(loader))
-    for _ in loader:  # warm-up pass: workers started, caches warm
-        pass
-    best = 0.0
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+
+    def one_pass():
         for _ in loader:
             pass
-        best = max(best, len(images) / (time.perf_counter() - t0))
-    return best, first
+
+    return timed(one_pass, len(images), rounds), first
 
 
-def batched_rate(images: torch.Tensor, d, device: torch.device, repeats: int) -> tuple[float, torch.Tensor]:
-    """Images/s of to_float + photo_aug.render over the images in batches of BATCH on `device`, and the first."""
+def batched_rate(images: torch.Tensor, d, device: torch.device, rounds: int, path: str) -> tuple[float, torch.Tensor]:
+    """Images/s of photo_aug.render over the images in batches of BATCH on `device`, and the first batch. `path`
+    uint8: render takes the uint8 batch; float: to_float first (the grid_sample path)."""
     from kdpipe.data.batches import to_float
     from kdpipe.data.photo_aug import render
 
     images, d = images.to(device), d.to(device)
+    prepare = to_float if path == "float" else (lambda x: x)
+    first = render(prepare(images[:BATCH]), None, d.select(slice(0, BATCH)), jitter=True).cpu()
 
-    def one_pass() -> torch.Tensor:
-        out = None
+    def one_pass():
         for start in range(0, len(images), BATCH):
             rows = slice(start, start + BATCH)
-            batch = render(to_float(images[rows]), None, d.select(rows), jitter=True)
-            out = batch if out is None else out
+            render(prepare(images[rows]), None, d.select(rows), jitter=True)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        return out
 
-    first = one_pass()
-    best = 0.0
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        one_pass()
-        best = max(best, len(images) / (time.perf_counter() - t0))
-    return best, first.cpu()
+    return timed(one_pass, len(images), rounds), first
 
 
-def one_size(size: int, n: int, device: torch.device, repeats: int) -> dict:
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max())
+
+
+def one_size(size: int, n: int, device: torch.device, rounds: int) -> dict:
     from kdpipe.data.photo_aug import draw
 
     gen = torch.Generator().manual_seed(size)
     images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=gen)
     d = draw(n, size, size, recipe(), gen, flip=True)
-    batched, first = batched_rate(images, d, device, repeats)
-    row = {"images": n, "batched_img_s": round(batched, 1)}
+    row, outs = {"images": n}, {}
+    for path in ("uint8", "float") if device.type == "cpu" else ("float",):
+        row[f"{path}_img_s"], outs[path] = batched_rate(images, d, device, rounds, path)
+        row[f"{path}_img_s"] = round(row[f"{path}_img_s"], 1)
     for workers in (0, 2):
-        rate, reference = per_sample_rate(images, d, workers, repeats)
+        rate, outs["torchvision"] = per_sample_rate(images, d, workers, rounds)
         row[f"per_sample_w{workers}_img_s"] = round(rate, 1)
-        row[f"speedup_vs_w{workers}"] = round(batched / rate, 2)
-        row["max_abs_diff"] = float((reference - first).abs().max())
+        for path in ("uint8", "float"):
+            if path in outs:
+                row[f"{path}_speedup_vs_w{workers}"] = round(row[f"{path}_img_s"] / rate, 2)
+    paths = [p for p in ("uint8", "float") if p in outs]
+    row["max_abs_diff"] = {f"{p}_vs_torchvision": max_diff(outs[p], outs["torchvision"]) for p in paths}
+    if len(paths) == 2:
+        row["max_abs_diff"]["uint8_vs_float"] = max_diff(outs["uint8"], outs["float"])
     print(f"[bench] {size} px: {json.dumps(row)}", file=sys.stderr, flush=True)
     return row
 
 
-def machine(device: torch.device) -> dict:
+def levers(size: int, n: int, rounds: int) -> dict:
+    """The uint8 path's images/s with one lever changed at a time, beside the default, in this one run."""
+    from kdpipe.data import photo_aug, photo_render
+
+    gen = torch.Generator().manual_seed(size)
+    images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=gen)
+    d = photo_aug.draw(n, size, size, recipe(), gen, flip=True)
+    threads, chunk, recycle = torch.get_num_threads(), photo_render.CHUNK_BYTES, photo_render.RECYCLE_BYTES
+
+    def rate(source: torch.Tensor) -> float:
+        def one_pass():
+            for s in range(0, n, BATCH):  # each batch dropped before the next, as a training step drops it
+                photo_aug.render(source[s : s + BATCH], None, d.select(slice(s, s + BATCH)))
+
+        return timed(one_pass, n, rounds)
+
+    row = {"default": rate(images)}
+    torch.set_num_threads(1)
+    row["one_worker_thread"] = rate(images)
+    torch.set_num_threads(threads)
+    photo_render.RECYCLE_BYTES = 1 << 62
+    row["no_buffer_reuse"] = rate(images)
+    photo_render.RECYCLE_BYTES = recycle
+    for mib in CHUNKS_MIB:
+        photo_render.CHUNK_BYTES = int(mib * (1 << 20))
+        row[f"chunk_{mib}_mib"] = rate(images)
+    photo_render.CHUNK_BYTES = chunk
+    row["channels_last_source"] = rate(images.contiguous(memory_format=torch.channels_last))
+    out = {k: {"img_s": round(v, 1), "vs_default": round(v / row["default"], 2)} for k, v in row.items()}
+    print(f"[bench] levers {size} px: {json.dumps(out)}", file=sys.stderr, flush=True)
+    return out
+
+
+def machine(device: torch.device, profile: str) -> dict:
+    from kdpipe.data import photo_render
+    from kdpipe.run.kernels import profile_env
+
     facts = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-             "torch": torch.__version__, "device": str(device)}
+             "torch": torch.__version__, "device": str(device), "cpu_profile": profile,
+             "cpu_profile_env": profile_env(profile), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+             "chunk_bytes": photo_render.CHUNK_BYTES, "recycle_bytes": photo_render.RECYCLE_BYTES}
     if device.type == "cuda":
         facts["gpu"] = torch.cuda.get_device_name(device)
     return facts
 
 
+def under_profile(profile: str) -> None:
+    """Re-run this script with CPU profile `profile`'s kernel caps (and no others) unless they are already set:
+    ATen reads them once, at its first kernel."""
+    from kdpipe.run.kernels import KNOBS, profile_env
+
+    wanted = profile_env(profile)
+    if all(os.environ.get(k) == wanted.get(k) for k in KNOBS):
+        return
+    env = {**{k: v for k, v in os.environ.items() if k not in KNOBS}, **wanted}
+    os.execve(sys.executable, [sys.executable, __file__, *sys.argv[1:]], env)
+
+
+def with_profile(out: Path, profile: str, result: dict) -> dict:
+    """The results file `out` with this run as its `profiles[profile]` block, the other profiles' as they were."""
+    kept = json.loads(out.read_text()).get("profiles", {}) if out.is_file() else {}
+    return {"profiles": {**kept, profile: result}}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_IMAGES} images a size, into {QUICK_OUT}")
-    parser.add_argument("--device", default="cpu", help="where the batched side runs (cpu, cuda)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed passes per figure (best kept)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads of the batched side (default: torch's)")
+    parser.add_argument("--device", default="cpu", help="where kdpipe's side runs (cpu, cuda)")
+    parser.add_argument("--rounds", type=int, default=3, help="timed passes per figure (the median kept)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads of kdpipe's side (default: torch's)")
+    parser.add_argument("--cpu-profile", default="native", choices=("native", "avx2"))
+    parser.add_argument("--levers", action="store_true", help="the uint8 path's levers one at a time")
     args = parser.parse_args()
+    under_profile(args.cpu_profile)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    repeats = 1 if args.quick else args.repeats
-    rows = {str(s): one_size(s, QUICK_IMAGES if args.quick else IMAGES[s], device, repeats) for s in SIZES}
-    out = {"what": "images/s of batched resized_crop + flip + colour jitter vs torchvision v2 per sample in a "
-                   "DataLoader, same draws", "batch_size": BATCH, "quick": args.quick,
-           "recipe": recipe().model_dump(include={"crop_scale", "crop_ratio", "flip", "color_jitter"}, mode="json"),
-           "sizes": rows, "machine": machine(device)}
+    rounds = 1 if args.quick else args.rounds
+    count = (lambda s: QUICK_IMAGES) if args.quick else IMAGES.get
+    rows = {str(s): one_size(s, count(s), device, rounds) for s in SIZES}
+    result = {"what": "images/s of kdpipe's batched resized_crop + flip + colour jitter (uint8 and float paths) vs "
+                      "torchvision v2 per sample in a DataLoader, same draws; median of rounds",
+              "batch_size": BATCH, "rounds": rounds, "quick": args.quick,
+              "recipe": recipe().model_dump(include={"crop_scale", "crop_ratio", "flip", "color_jitter"}, mode="json"),
+              "sizes": rows, "machine": machine(device, args.cpu_profile)}
+    if args.levers and device.type == "cpu":
+        result["levers"] = {str(s): levers(s, count(s), rounds) for s in LEVER_SIZES}
     folder = QUICK_OUT if args.quick else RESULTS
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "augment.json").write_text(json.dumps(out, indent=2) + "\n")
-    print(json.dumps(out, indent=2))
+    out = folder / "augment.json"
+    out.write_text(json.dumps(with_profile(out, args.cpu_profile, result), indent=2) + "\n")
+    print(json.dumps(result, indent=2))
     return 0
 
 

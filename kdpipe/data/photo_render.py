@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 GREY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
-CHUNK_BYTES = 2 << 20  # float32 output rendered per task (bench/augment.py --levers measures others)
+CHUNK_BYTES = 4 << 20  # float32 output rendered per task: 4 MiB measured best of 0.5-8 (bench/augment.py --levers)
 RECYCLE_BYTES = 32 << 20  # outputs this large reuse a released buffer (glibc returns them to the OS on free)
 
 
@@ -57,7 +57,7 @@ def _resize_chunk(x: Tensor, boxes: list, flips: list, size: tuple[int, int]) ->
 
 def _colour_into(crops: Tensor, factors: Tensor | None, out: Tensor) -> Tensor:
     """`out` (k, C, H, W) float32 = crops / 255, then brightness, contrast and saturation as `color` applies them,
-    each step in place on the chunk (cache-resident: ten passes over 2 MiB, not over the batch)."""
+    each step in place on the chunk (cache-resident: ten passes over a few MiB, not over the batch)."""
     if factors is None:
         return out.copy_(crops).div_(255.0)
     b, c, s = (factors[:, i].to(torch.float32)[:, None, None, None] for i in range(3))  # (k, 1, 1, 1) each
