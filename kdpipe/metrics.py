@@ -8,6 +8,7 @@ import this module never build a classification report.
 from __future__ import annotations
 
 import copy
+import math
 import statistics
 import time
 from collections.abc import Iterator
@@ -85,9 +86,9 @@ def at_chance(accuracy: float, chance: float) -> bool:
 
 
 def count_macs(model: nn.Module, input_shape: tuple[int, int, int], example: Tensor | None = None) -> int:
-    """Multiply-accumulates of one forward pass for one (C, H, W) image, counted over Conv2d and Linear.
+    """Multiply-accumulates of one forward pass for one (C, H, W) image, counted over Conv1d, Conv2d and Linear.
 
-    Conv2d: output elements × in_channels/groups × kH × kW; Linear: rows × in × out (rows = 1 for a flat
+    Conv: output elements × in_channels/groups × kernel elements (kH × kW; k for a text CNN's Conv1d); Linear: rows × in × out (rows = 1 for a flat
     feature vector). Bias adds, norms, activations and pooling are ignored, as is usual in the KD literature.
     The model runs where it lives, in eval mode (so BN statistics stay put); its modes are restored after.
     `example`: the one input to count on instead of zeros of `input_shape` (a text model's token ids (1, L)).
@@ -98,7 +99,7 @@ def count_macs(model: nn.Module, input_shape: tuple[int, int, int], example: Ten
         nonlocal total
         total += layer_macs(module, output)
 
-    layers = [m for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+    layers = [m for m in model.modules() if isinstance(m, nn.Conv1d | nn.Conv2d | nn.Linear)]
     handles = [m.register_forward_hook(hook) for m in layers]
     try:
         with eval_mode(model), torch.inference_mode():
@@ -111,10 +112,9 @@ def count_macs(model: nn.Module, input_shape: tuple[int, int, int], example: Ten
 
 
 def layer_macs(module: nn.Module, output: Tensor) -> int:
-    """MACs of one Conv2d or Linear call, from the output it produced."""
-    if isinstance(module, nn.Conv2d):
-        kh, kw = module.kernel_size
-        return output.numel() * (module.in_channels // module.groups) * kh * kw
+    """MACs of one Conv1d, Conv2d or Linear call, from the output it produced."""
+    if isinstance(module, nn.Conv1d | nn.Conv2d):
+        return output.numel() * (module.in_channels // module.groups) * math.prod(module.kernel_size)
     return output.numel() * module.in_features  # output.numel() = rows × out_features
 
 

@@ -293,8 +293,8 @@ def test_distilbert_init_copies_the_embeddings_and_every_other_layer(tmp_path, t
     """A 1-layer student of a 2-layer teacher: its embeddings and first layer give the teacher's embeddings and
     first layer's hidden states exactly (BERT's token-type embedding folded into the positions)."""
     from kdpipe.config import TextNetParams
-    from kdpipe.train.text_init import InitError, init_from_teacher
     from kdpipe.models.text_nets import build_text_for
+    from kdpipe.train.text_init import InitError, init_from_teacher
 
     prepared = {"classes": ["a", "b", "c"], "vocab_size": 50, "pad_id": 0, "max_length": 24}
     torch.manual_seed(0)
@@ -323,3 +323,16 @@ def test_distilbert_init_copies_the_embeddings_and_every_other_layer(tmp_path, t
     wide = build_text_for("text_transformer", TextNetParams(layers=1, **{**shape, "width": 32}), prepared)
     with pytest.raises(InitError, match="word_embeddings.weight is .* in the teacher"):
         init_from_teacher(wide, teacher)
+
+
+def test_macs_count_a_text_cnns_conv1d_layers():
+    """A Conv1d of k taps over L tokens costs out_channels × L × in_channels × k MACs (by hand, not by the hook)."""
+    import torch
+    from torch import nn
+
+    from kdpipe.metrics import count_macs
+
+    conv = nn.Conv1d(8, 6, 3, padding=1)
+    assert count_macs(conv, (), example=torch.zeros(1, 8, 10)) == 6 * 10 * 8 * 3
+    grouped = nn.Conv1d(8, 8, 5, padding=2, groups=4)
+    assert count_macs(grouped, (), example=torch.zeros(1, 8, 7)) == 8 * 7 * (8 // 4) * 5

@@ -11,20 +11,21 @@ COMPARISONS = {"distilled_vs_scratch": "distilled − scratch", "distilled_vs_te
                "scratch_vs_teacher": "scratch − teacher"}
 
 
-def evidence_sections(found: dict) -> dict[str, str]:
-    """heading → Markdown of each part of the evidence, in reading order."""
+def evidence_sections(found: dict, unit: str = "images") -> dict[str, str]:
+    """heading → Markdown of each part of the evidence, in reading order; `unit`: what one test item is (images,
+    texts)."""
     level = round(found["confidence"] * 100)
-    how = (f"Paired comparisons on the same {found['test_images']} test images: {level} % percentile intervals "
+    how = (f"Paired comparisons on the same {found['test_images']} test {unit}: {level} % percentile intervals "
            f"from {found['bootstrap_samples']:,} bootstrap replicates (seed {found['bootstrap_seed']}) that "
            "resample seeds and images together (two-level), so seed variance is inside the interval; per seed, "
            "the same over images, and the exact McNemar test on the images one model gets right and the other "
-           f"wrong (a seed reads as helped or hurt only when both agree). One test image is {100 / found['test_images']:.2f} points.")
+           f"wrong (a seed reads as helped or hurt only when both agree). One test {unit[:-1]} is {100 / found['test_images']:.2f} points.")
     return {"Did distillation help? Paired comparisons": how + "\n\n" + comparisons_table(found),
             "Per seed": per_seed_table(found),
             "Gap recovered": gap_text(found["gap_recovered"]),
             "Fidelity to the teacher": fidelity_table(found["fidelity"]),
             "Calibration": calibration_table(found["calibration"]),
-            "Per class: what distillation fixed and broke": per_class_text(found["per_class"])}
+            "Per class: what distillation fixed and broke": per_class_text(found["per_class"], unit)}
 
 
 def comparisons_table(found: dict) -> str:
@@ -87,9 +88,9 @@ def calibration_table(calibration: dict) -> str:
             "is reported, and applied to the shipped student only with `export.temperature_scale: true`.\n\n" + "\n".join(rows))
 
 
-def per_class_text(per_class: dict) -> str:
+def per_class_text(per_class: dict, unit: str = "images") -> str:
     """The per-class table and the classes fixed and broken most."""
-    rows = [markdown_row(["class", "test images", "scratch", "distilled", "change (points)"]),
+    rows = [markdown_row(["class", f"test {unit}", "scratch", "distilled", "change (points)"]),
             markdown_row(["---", "---:", "---:", "---:", "---:"])]
     for r in per_class["classes"]:
         rows.append(markdown_row([r["class"], str(r["images"]), f"{r['scratch'] * 100:.2f} %",

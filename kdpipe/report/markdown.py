@@ -147,7 +147,7 @@ def export_report(cfg: Config, metrics: dict, shipment: Shipment, evaluated: dic
     choice, opts = metrics["seed_choice"], cfg.export
     parts = [
         "# kdpipe export",
-        f"**Dataset:** {cfg.data.dataset} (digest `{metrics['dataset_digest'][:12]}`, {n_test} test images). "
+        f"**Dataset:** {cfg.data.dataset} (digest `{metrics['dataset_digest'][:12]}`, {n_test} test {'texts' if cfg.data.is_text else 'images'}). "
         f"**Shipped student:** distill seed {metrics['student_seed']} of {list(cfg.student.seeds)} — "
         f"{choice['rule']} ({choice['val_accuracy'] * 100:.2f} %); the test split played no part in the choice.",
         "## Headline (evaluate stage, PyTorch)",

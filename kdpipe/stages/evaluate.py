@@ -187,10 +187,11 @@ def write_report(ctx: StageContext, results: dict, scored: dict) -> Path:
     curves = {label: _read_curve(ctx.paths.curves(stage)) for label, stage in STUDENT_STAGES.items()}
     images["validation accuracy per epoch (mean over seeds)"] = curves_png(
         curves, reports / "curves_val_accuracy.png", metric="val_accuracy", title="scratch vs distilled").name
-    dataset = f"{cfg.data.dataset} ({len(prepared['test_y'])} test images, student seeds {list(cfg.student.seeds)})"
+    unit = "texts" if prepared.get("modality") == "text" else "images"
+    dataset = f"{cfg.data.dataset} ({len(prepared['test_y'])} test {unit}, student seeds {list(cfg.student.seeds)})"
     text = markdown_report(title="kdpipe evaluation", dataset=dataset, table=evaluate_table(results),
                            gap=results["gap_recovered"], sections=sections, images=images,
-                           verdict=evidence["verdict_line"], evidence=evidence_sections(evidence))
+                           verdict=evidence["verdict_line"], evidence=evidence_sections(evidence, unit))
     return write_text(reports / REPORT, text)
 
 
