@@ -282,37 +282,14 @@ def temperature_experiment(dvc_repo) -> Experiment:
 # ------------------------------------------------------------------ two test processes (pytest-xdist)
 
 # `make test` runs two pytest workers (`-n 2 --dist loadgroup`): tests train on one thread each, so a second
-# worker uses the second core. A test is kept on one worker with the others that share an expensive fixture
-# (built once per worker that uses it): the session's DVC repository and Prefect API each get a group, and a
-# file with a module-scoped fixture is one group. Every other test goes to whichever worker is free.
-SHARED_FIXTURE_GROUPS = {"dvc_repo": "dvc_repo", "temperature_experiment": "dvc_repo", "prefect_api": "prefect_api"}
+# worker uses the second core. A file's tests stay on one worker (its module fixtures are built once), and so do
+# all the tests on the session's DVC repository, which would otherwise be built by both workers.
+SHARED_FIXTURE_GROUPS = {"dvc_repo": "dvc_repo", "temperature_experiment": "dvc_repo"}
 
 
-def _group(item) -> str | None:
-    names = getattr(item, "fixturenames", ())
-    shared = [g for f, g in SHARED_FIXTURE_GROUPS.items() if f in names]
-    if shared:
-        return shared[0]
-    defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
-    if any(d and d[-1].scope == "module" for d in defs.values()):
-        return item.nodeid.split("::")[0]
-    return None
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the xdist_group markers into node ids
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if not item.get_closest_marker("xdist_group") and (group := _group(item)):
-            item.add_marker(pytest.mark.xdist_group(group))
-    # Longest first: xdist hands out groups in the order of their first test, so the groups and files with slow
-    # tests go first and the quick tests fill in at the end (a long group handed out last would leave the
-    # other worker idle). A file's tests stay together and in order, so its module fixtures are built once.
-    slow_files = {item.nodeid.split("::")[0] for item in items if item.get_closest_marker("slow")}
-    slow_groups = {m.args[0] for item in items if item.get_closest_marker("slow")
-                   for m in item.iter_markers("xdist_group")}
-
-    def heavy(item) -> bool:
-        groups = {m.args[0] for m in item.iter_markers("xdist_group")}
-        return item.nodeid.split("::")[0] in slow_files or bool(groups & slow_groups)
-
-    items.sort(key=lambda item: not heavy(item))  # stable: collection order within each half
+        if item.get_closest_marker("xdist_group"):
+            continue
+        shared = [g for f, g in SHARED_FIXTURE_GROUPS.items() if f in getattr(item, "fixturenames", ())]
+        item.add_marker(pytest.mark.xdist_group(shared[0] if shared else item.nodeid.split("::")[0]))
