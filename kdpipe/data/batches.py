@@ -16,7 +16,7 @@ class Split:
     x: torch.Tensor  # uint8 (N, C, H, W) on the training device, or an ondisk.OnDiskArray when streamed
     y: torch.Tensor  # int64 (N,), on the device with x, on the host when streamed
     workers: int = 0  # streamed: DataLoader worker processes that read ahead
-    lengths: torch.Tensor | None = None  # text: int32 (N,) tokens per text (x: int32 (N, max_length) token ids)
+    lengths: torch.Tensor | None = None  # text: int32 (N,) tokens per text, on the host (x: int32 (N, max_length) ids)
 
     @property
     def is_text(self) -> bool:
@@ -37,8 +37,9 @@ def place_splits(prepared: dict, device: torch.device, *, in_memory: bool,
 
     def split(name: str) -> Split:
         x, y = prepared[f"{name}_x"], prepared[f"{name}_y"]
-        if f"{name}_lengths" in prepared:  # token ids: always on the device (a few bytes a token)
-            return Split(x.to(device), y.to(device), lengths=prepared[f"{name}_lengths"].to(device))
+        if f"{name}_lengths" in prepared:  # token ids: always on the device (a few bytes a token); the lengths
+            # stay on the host, where batching and trimming read them (no device sync per step)
+            return Split(x.to(device), y.to(device), lengths=prepared[f"{name}_lengths"].cpu())
         if not in_memory:
             return Split(x, y, workers)
         return Split((x if isinstance(x, torch.Tensor) else x.load()).to(device), y.to(device))

@@ -282,7 +282,7 @@ def _gather(train: Split, batches: Iterable[torch.Tensor]) -> Iterator[tuple[tor
     for idx in batches:
         dev_idx = idx.to(train.x.device)
         if train.is_text:  # padded to the batch's longest text, not to max_length
-            yield idx, text_batches.trim(train.x[dev_idx], train.lengths[dev_idx]), train.y[dev_idx]
+            yield idx, text_batches.trim(train.x[dev_idx], train.lengths[idx]), train.y[dev_idx]
         else:
             yield idx, train.x[dev_idx], train.y[dev_idx]
 
