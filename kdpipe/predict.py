@@ -27,6 +27,7 @@ import numpy as np
 
 from kdpipe.data.images import IMAGE_EXTENSIONS
 from kdpipe.errors import EXIT_USER_ERROR, UserError
+from kdpipe.ship.text_runtime import softmax  # numpy only: one softmax for image and text models
 
 
 class PredictError(UserError):
@@ -173,12 +174,6 @@ def read_image(path: str | Path, shape: tuple[int, int, int], resize: str = "str
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise PredictError(f"{path}: unreadable image ({reason(e)}); re-save or replace the file") from None
     return pixels[None] if c == 1 else pixels.transpose(2, 0, 1)  # (1, H, W), or (H, W, 3) -> (3, H, W)
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=1, keepdims=True)  # (N, K), stable
-    e = np.exp(shifted)
-    return e / e.sum(axis=1, keepdims=True)
 
 
 def predict(model: str, images: list[str], top: int = 3, tracking_uri: str | None = None) -> list[dict]:

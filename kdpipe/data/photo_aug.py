@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdpipe.data.augment_params import AugmentParams, mixes
+from kdpipe.data.batches import to_float
 from kdpipe.data.photo_render import GREY, grey_weights, render_uint8
 
 ATTEMPTS = 10  # torchvision's RandomResizedCrop: crops tried before the central fallback
@@ -223,7 +224,7 @@ def render(x: Tensor, partner_x: Tensor | None, d: PhotoDraw, jitter: bool = Tru
     if both.dtype == torch.uint8 and both.device.type == "cpu":
         out = render_uint8(both, twice(d.box), twice(d.flipped), twice(d.jitter) if jitter else None, size)
     else:
-        both = both.to(torch.float32).div_(255.0) if both.dtype == torch.uint8 else both  # as batches.to_float
+        both = to_float(both) if both.dtype == torch.uint8 else both
         out = resized_crop(both, twice(d.box), twice(d.flipped), size)
         out = color(out, twice(d.jitter)) if jitter else out
     if partner_x is None:

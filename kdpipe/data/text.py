@@ -159,7 +159,8 @@ def prepare_text(corpus: TextCorpus, params, *, where: str, val_fraction: float,
         raise DataError(f"{where}: every text is empty")
     require_enough_texts(corpus.labels, where, 3)
     classes = sorted(set(corpus.labels))
-    y = torch.tensor([classes.index(label) for label in corpus.labels], dtype=torch.int64)
+    index = {c: i for i, c in enumerate(classes)}  # one lookup a text, not a scan of the classes
+    y = torch.tensor([index[label] for label in corpus.labels], dtype=torch.int64)
     splits = stratified_split(y, val_fraction, test_fraction, seed)
     rows = {"train": splits.train_idx, "val": splits.val_idx, "test": splits.test_idx}
     texts = {split: [corpus.texts[i] for i in rows[split].tolist()] for split in SPLITS}

@@ -187,7 +187,9 @@ def write_report(ctx: StageContext, results: dict, scored: dict) -> Path:
     curves = {label: _read_curve(ctx.paths.curves(stage)) for label, stage in STUDENT_STAGES.items()}
     images["validation accuracy per epoch (mean over seeds)"] = curves_png(
         curves, reports / "curves_val_accuracy.png", metric="val_accuracy", title="scratch vs distilled").name
-    unit = "texts" if prepared.get("modality") == "text" else "images"
+    from kdpipe.data.prepared import is_text
+
+    unit = "texts" if is_text(prepared) else "images"
     dataset = f"{cfg.data.dataset} ({len(prepared['test_y'])} test {unit}, student seeds {list(cfg.student.seeds)})"
     text = markdown_report(title="kdpipe evaluation", dataset=dataset, table=evaluate_table(results),
                            gap=results["gap_recovered"], sections=sections, images=images,
@@ -205,10 +207,11 @@ def _read_curve(path: Path) -> list[dict]:
 def evaluate(ctx: StageContext, models: dict[str, list]) -> tuple[dict, dict]:
     """(evaluate.json's dict, label → [(seed, test metrics)]) for the loaded models; writes predictions.npz,
     from which the evidence is computed."""
+    from kdpipe.data.prepared import is_text
     from kdpipe.metrics import gap_recovered
     from kdpipe.report import findings as evidence
 
-    text = ctx.prepared.get("modality") == "text"
+    text = is_text(ctx.prepared)
     cfg, shape = ctx.cfg, () if text else tuple(ctx.prepared["image_shape"])
     example = typical_text(ctx.prepared) if text else None
     logits = model_logits(ctx, models)
