@@ -69,6 +69,22 @@ sys.path.insert(0, str(REPO))  # kdpipe from this checkout, also where it is not
 
 SIDES = ("torchdistill_online", "torchdistill_ce", "seedloop_online",
          "kdpipe_online", "kdpipe_views", "kdpipe_ce")  # fmt: skip
+# One change each to kdpipe_online's default step (side `kdpipe_online+<lever>`, measured alone against it and
+# against torchdistill in the same round; `--sides ... kdpipe_online+fused` or `--levers`).
+LEVERS = {
+    "contiguous": "runtime.channels_last false: models and batches in NCHW",
+    "no_fold": "the teacher's BatchNorms left unfolded",
+    "inference_mode": "the teacher's forward under torch.inference_mode (its logits cloned out of it)",
+    "foreach": "torch.optim.SGD(foreach=True): one multi-tensor update instead of a loop over parameters",
+    "fused": "torch.optim.SGD(fused=True): the fused CPU kernel",
+    "fewer_copies": "crop + flip on the uint8 batch, then one float conversion, the result left in NHWC "
+                    "(no NCHW copy for channels_last to undo)",
+    "compile": "runtime.compile true: teacher and student torch.compile'd, inductor's cache in "
+               "bench/work/inductor-cache kept across rounds and runs (round 1 cold unless an earlier run filled it)",
+    "compile_teacher": "the teacher alone torch.compile'd with inductor's freezing (weights as constants), same cache",
+}
+LEVER_SIDES = tuple(f"kdpipe_online+{lever}" for lever in LEVERS)
+INDUCTOR_CACHE = REPO / "bench" / "work" / "inductor-cache"
 # Ratio name -> (kdpipe side, peer side); each is computed within one round.
 RATIOS = {
     "ratio_torchdistill_online": ("kdpipe_online", "torchdistill_online"),
@@ -245,8 +261,9 @@ def torchdistill_ce(x, y, args) -> Callable:
     return torchdistill_step(TrainingBox(student, data, config, torch.device("cpu"), None, False, 1))
 
 
-def kdpipe_side(x, y, args, facts: dict) -> Callable:
-    """kdpipe's engine step for args.side; `facts` gets the runtime's choices (and the views' labelling)."""
+def kdpipe_side(x, y, args, facts: dict, hook: Callable | None = None) -> Callable:
+    """kdpipe's engine step for args.side (with its lever, if any); `facts` gets the runtime's choices (and the
+    views' labelling). hook(trainer, gather) may return a replacement for gather(idx) -> (uint8 x, y)."""
     import torch
 
     from kdpipe.config import StudentConfig
@@ -255,17 +272,22 @@ def kdpipe_side(x, y, args, facts: dict) -> Callable:
     from kdpipe.train.distiller import fold_batchnorm, freeze
     from kdpipe.train.engine import _Trainer
 
-    rt = make_runtime(device="cpu", precision=args.precision, channels_last=True, compile=False)
-    facts.update(precision=rt.precision, channels_last=rt.channels_last, compile=rt.compile)
+    lever = args.side.partition("+")[2]
+    rt = make_runtime(device="cpu", precision=args.precision, channels_last=lever != "contiguous",
+                      compile=lever == "compile")
+    facts.update(precision=rt.precision, channels_last=rt.channels_last, compile=rt.compile, lever=lever or None)
     teacher, student = build_models()
     # the teacher as the distill stage prepares it for logits-only methods: frozen, BatchNorm folded
-    teacher, student = rt.prepare(fold_batchnorm(freeze(teacher))), rt.prepare(student)
+    teacher = freeze(teacher) if lever == "no_fold" else fold_batchnorm(freeze(teacher))
+    teacher, student = rt.prepare(teacher), rt.prepare(student)
+    teacher = lever_teacher(teacher, lever)
     train = Split(x.to(rt.device), y.to(rt.device))
     cfg = StudentConfig(model=WORK["student"], epochs=1, batch_size=BATCH, optimizer="sgd", lr=LR,
                         momentum=MOMENTUM, nesterov=False, weight_decay=WEIGHT_DECAY, warmup_epochs=0,
                         schedule="constant", crop_padding=CROP_PADDING, flip=True, patience=0)
     objective = kdpipe_objective(args, teacher, train, rt, facts)
     trainer = _Trainer.build(student, cfg, rt, seed=0, objective=objective)
+    lever_trainer(trainer, lever)
     for module in trainer.modules:
         module.train()  # as train_epoch does; step() alone leaves the mode as it is
     shuffle = torch.Generator().manual_seed(0)
@@ -275,11 +297,73 @@ def kdpipe_side(x, y, args, facts: dict) -> Callable:
 
     batches = endless(epoch_batches)
 
+    def gather(idx):
+        return train.x[idx], train.y[idx]
+
+    gather = (hook(trainer, gather) if hook else None) or gather
+
     def step():
         idx = next(batches)
-        return trainer.step(idx, train.x[idx], train.y[idx], lr=LR)[2]["loss"]
+        return trainer.step(idx, *gather(idx), lr=LR)[2]["loss"]
 
     return step
+
+
+def lever_teacher(teacher, lever: str):
+    """The teacher as `lever` runs it: compiled (inductor freezing its weights), or called under inference_mode."""
+    import torch
+
+    if lever == "compile_teacher":
+        import torch._inductor.config as inductor_config
+
+        inductor_config.freezing = True  # weights as constants: folded and prepacked for oneDNN (inference only)
+        return torch.compile(teacher)
+    if lever != "inference_mode":
+        return teacher
+
+    def forward(x):
+        with torch.inference_mode():
+            logits = teacher(x)
+        return logits.clone()  # an inference tensor may not be saved for backward (the KL term saves it)
+
+    return forward
+
+
+def lever_trainer(trainer, lever: str) -> None:
+    """The trainer's optimizer or augmentation as `lever` has it."""
+    import torch
+
+    from kdpipe.data import batches
+    from kdpipe.train import engine
+
+    if lever in ("foreach", "fused"):
+        params = [p for group in trainer.opt.param_groups for p in group["params"]]
+        trainer.opt = torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, nesterov=False,
+                                      **{lever: True})
+    if lever == "fewer_copies":
+        engine.to_float = lambda xb: xb  # the engine converts after the crop instead (below)
+
+        def augment(x, idx, y, gen):
+            views = batches.draw_views(len(x), CROP_PADDING, True, gen, x.device)
+            return batches.to_float(apply_views_nhwc(x, CROP_PADDING, views)), idx, y
+
+        trainer.augment = augment
+
+
+def apply_views_nhwc(x, crop_padding: int, views):
+    """batches.apply_views without its last NCHW copy: the (N, C, H, W) view of the NHWC gather, which is
+    channels_last in memory already."""
+    import torch
+    import torch.nn.functional as F
+
+    n, _, h, w = x.shape
+    rows = torch.arange(h, device=x.device).expand(n, h)  # (N, H)
+    cols = torch.arange(w, device=x.device).expand(n, w)  # (N, W)
+    cols = torch.where(views.flipped[:, None], cols.flip(1), cols)
+    x = F.pad(x, (crop_padding,) * 4)  # (N, C, H + 2p, W + 2p)
+    rows, cols = rows + views.dy[:, None], cols + views.dx[:, None]
+    batch = torch.arange(n, device=x.device)[:, None, None]
+    return x.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)  # (N, C, H, W) NHWC
 
 
 def kdpipe_objective(args, teacher, train, rt, facts: dict):
@@ -361,7 +445,7 @@ def spawn(side: str, args) -> dict:
                  "--train-size", args.train_size, "--threads", args.threads, "--precision", args.precision,
                  "--json-out", out]
         env = {**profile_environ(args.cpu_profile), "KDPIPE_THREADS": str(args.threads),
-               "OMP_NUM_THREADS": str(args.threads)}
+               "OMP_NUM_THREADS": str(args.threads), "TORCHINDUCTOR_CACHE_DIR": str(INDUCTOR_CACHE)}
         proc = subprocess.run([sys.executable, __file__, *map(str, flags)], cwd=REPO, env=env,
                               capture_output=True, text=True)
         if proc.returncode != 0:
@@ -435,6 +519,8 @@ def summarise_side(side: str, rounds: list[dict], min_share: float) -> dict:
         "discarded_per_round": [t["discarded"] for t in rates],
         "timed_steps": sum(len(run["wall"]) for run in ok),
         "cpu_per_wall": spread([sum(run["cpu"]) / sum(run["wall"]) for run in ok]),
+        # the first step pays one-off costs: torch.compile's compilation (or its cache lookup), first touches
+        "first_step_seconds": spread([run["warmup_wall"][0] for run in ok if run["warmup_wall"]]),
     }
     if side == "kdpipe_views" and ok:
         summary["views"] = ok[0]["views"]
@@ -453,6 +539,16 @@ def ratio(rounds: list[dict], ours: str, peer: str, min_share: float) -> dict | 
         ta, tb = throughput(a, min_share)["images_s"], throughput(b, min_share)["images_s"]
         per_round.append(ta / tb if ta and tb else None)
     return spread(per_round)
+
+
+def lever_summary(rounds: list[dict], side: str, args) -> dict:
+    """A lever's side against the default kdpipe_online and against torchdistill, each within a round."""
+    sides = set(args.sides)
+    return {"what": LEVERS[side.partition("+")[2]],
+            "vs_kdpipe_online": ratio(rounds, side, "kdpipe_online", args.min_cpu_share)
+            if "kdpipe_online" in sides else None,
+            "vs_torchdistill_online": ratio(rounds, side, "torchdistill_online", args.min_cpu_share)
+            if "torchdistill_online" in sides else None}
 
 
 def machine(rounds: list[dict], args) -> dict:
@@ -495,10 +591,12 @@ def table(result: dict) -> str:
     rows += ["", f"kdpipe: {m['kdpipe_precision']}, channels_last {m['kdpipe_channels_last']}; "
              f"torchdistill and the seed loop: fp32, contiguous. {m['threads']} threads, {m['cpu']}, CPU profile "
              f"{m['cpu_profile']} (ATen {m['cpu_capability']}).", ""]
-    for name in RATIOS:
-        r = result[name]
-        value = f"{r['median']:.2f} (min {r['min']:.2f}, max {r['max']:.2f})" if r else "–"
-        rows.append(f"- {name}: {value}")
+    def fmt(r: dict | None) -> str:
+        return f"{r['median']:.2f} (min {r['min']:.2f}, max {r['max']:.2f})" if r else "–"
+
+    rows += [f"- {name}: {fmt(result[name])}" for name in RATIOS]
+    rows += [f"- lever {lever}: {fmt(r['vs_kdpipe_online'])} x kdpipe_online, {fmt(r['vs_torchdistill_online'])} x "
+             "torchdistill_online" for lever, r in result["levers"].items()]
     return "\n".join(rows)
 
 
@@ -516,6 +614,8 @@ def benchmark(args) -> dict:
     for name, (ours, peer) in RATIOS.items():
         both = {ours, peer} <= set(args.sides)
         result[name] = ratio(rounds, ours, peer, args.min_cpu_share) if both else None
+    result["levers"] = {side.partition("+")[2]: lever_summary(rounds, side, args)
+                        for side in args.sides if side in LEVER_SIDES}
     keep = ("wall", "cpu", "error")  # the raw per-step times, for a second look at the discarding
     result["rounds"] = [{"order": r["order"], "steps": {side: {k: run.get(k) for k in keep}
                                                         for side, run in r["runs"].items()}} for r in rounds]
@@ -538,11 +638,16 @@ def parse_args() -> argparse.Namespace:
         help="kernel caps for every side (kdpipe/run/kernels.py PROFILES; avx2: as a CPU without AVX-512)")
     add("--min-cpu-share", type=float, default=0.75,
         help="discard a step whose CPU time < this x threads x wall (default 0.75)")
-    add("--sides", nargs="+", choices=SIDES, default=list(SIDES))
+    add("--sides", nargs="+", choices=SIDES + LEVER_SIDES, default=list(SIDES))
+    add("--levers", nargs="*", choices=tuple(LEVERS), metavar="LEVER",
+        help="instead of --sides: torchdistill_online, kdpipe_online and kdpipe_online+LEVER for each LEVER "
+             f"(none named: all of {', '.join(LEVERS)})")
     add("--out", default="bench/results/throughput.json")
-    add("--side", choices=SIDES, help=argparse.SUPPRESS)  # internal: run one side, in a child process
+    add("--side", choices=SIDES + LEVER_SIDES, help=argparse.SUPPRESS)  # internal: run one side, in a child process
     add("--json-out", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.levers is not None:
+        args.sides = ["torchdistill_online", "kdpipe_online", *(f"kdpipe_online+{v}" for v in args.levers or LEVERS)]
     if args.steps < 1 or args.warmup < 0 or args.rounds < 1 or args.train_size < BATCH:
         parser.error(f"need --steps >= 1, --warmup >= 0, --rounds >= 1 and --train-size >= {BATCH}")
     return args
