@@ -19,6 +19,10 @@ import pytest
 import torch
 import yaml
 
+# kdpipe.store takes MLFLOW_TRACKING_URI at its first import as the user's choice (mlflow.set_tracking_uri writes
+# the variable later); imported first inside a test that had set it, it took that test's store for the rest of
+# the worker (the tiny pipeline's stages then logged there). Imported here, it takes the session's.
+from kdpipe import store  # noqa: F401, E402
 from kdpipe.env import QUIET_ENV
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,18 +69,27 @@ def dvc_stage_names() -> list[str]:
     return list(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"])
 
 
-@pytest.fixture(autouse=True)
-def _tracking_uri_restored():
-    """MLFLOW_TRACKING_URI as it was before each test, after it. mlflow.set_tracking_uri (every stage calls it)
-    exports the variable, and it outranks tracking.uri; a test that deleted an absent variable with monkeypatch
-    has nothing recorded to restore, so the stage's URI leaked into the next test on the worker (an export whose
-    run went to another test's store). Autouse: set up first, so torn down after the test's own monkeypatch."""
-    before = os.environ.get("MLFLOW_TRACKING_URI")
-    yield
-    if before is None:
+# MLFLOW_TRACKING_URI as pytest started with it (CI: unset).
+SESSION_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
+
+
+def _restore_session_tracking_uri() -> None:
+    if SESSION_TRACKING_URI is None:
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     else:
-        os.environ["MLFLOW_TRACKING_URI"] = before
+        os.environ["MLFLOW_TRACKING_URI"] = SESSION_TRACKING_URI
+
+
+@pytest.fixture(autouse=True)
+def _tracking_uri_restored():
+    """MLFLOW_TRACKING_URI as the session started with it, before each test and after it. mlflow.set_tracking_uri
+    (every stage calls it) exports the variable, and it outranks tracking.uri: a test that deleted an absent
+    variable with monkeypatch had nothing recorded to restore, and a module fixture that called set_tracking_uri
+    ran before this fixture's setup, so either leaked a store's URI into later tests on the worker (an export
+    whose run went to another test's store). Set before the test too: after the module fixtures, before its own."""
+    _restore_session_tracking_uri()
+    yield
+    _restore_session_tracking_uri()
 
 
 @pytest.fixture
@@ -282,14 +295,39 @@ def temperature_experiment(dvc_repo) -> Experiment:
 # ------------------------------------------------------------------ two test processes (pytest-xdist)
 
 # `make test` runs two pytest workers (`-n 2 --dist loadgroup`): tests train on one thread each, so a second
-# worker uses the second core. A file's tests stay on one worker (its module fixtures are built once), and so do
-# all the tests on the session's DVC repository, which would otherwise be built by both workers.
+# worker uses the second core. A test is kept on one worker with the others that share an expensive fixture
+# (built once per worker that uses it): the session's DVC repository gets a group, and a file with a
+# module-scoped fixture is one group. Every other test goes to whichever worker is free.
 SHARED_FIXTURE_GROUPS = {"dvc_repo": "dvc_repo", "temperature_experiment": "dvc_repo"}
 
 
+def _group(item) -> str | None:
+    names = getattr(item, "fixturenames", ())
+    shared = [g for f, g in SHARED_FIXTURE_GROUPS.items() if f in names]
+    if shared:
+        return shared[0]
+    defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
+    if any(d and d[-1].scope == "module" for d in defs.values()):
+        return item.nodeid.split("::")[0]
+    return None
+
+
+# tryfirst: xdist's own hook reads the xdist_group markers into the node ids; markers added after it (as this hook
+# once did) grouped nothing, and both workers built the DVC repository and each module fixture.
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if item.get_closest_marker("xdist_group"):
-            continue
-        shared = [g for f, g in SHARED_FIXTURE_GROUPS.items() if f in getattr(item, "fixturenames", ())]
-        item.add_marker(pytest.mark.xdist_group(shared[0] if shared else item.nodeid.split("::")[0]))
+        if not item.get_closest_marker("xdist_group") and (group := _group(item)):
+            item.add_marker(pytest.mark.xdist_group(group))
+    # Longest first: xdist hands out groups in the order of their first test, so the groups and files with slow
+    # tests go first and the quick tests fill in at the end (a long group handed out last would leave the
+    # other worker idle). A file's tests stay together and in order, so its module fixtures are built once.
+    slow_files = {item.nodeid.split("::")[0] for item in items if item.get_closest_marker("slow")}
+    slow_groups = {m.args[0] for item in items if item.get_closest_marker("slow")
+                   for m in item.iter_markers("xdist_group")}
+
+    def heavy(item) -> bool:
+        groups = {m.args[0] for m in item.iter_markers("xdist_group")}
+        return item.nodeid.split("::")[0] in slow_files or bool(groups & slow_groups)
+
+    items.sort(key=lambda item: not heavy(item))  # stable: collection order within each half

@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 import torch
 from conftest import subprocess_env
+from mlflow.tracking._tracking_service import utils as tracking_utils
 from test_registry_server import free_port, stop, wait_healthy
 from test_text_export import CLASSES, MAX_LENGTH, StandIn, make_tokenizer
 
@@ -41,16 +42,18 @@ def registered(tmp_path_factory):
     onnx_path = text_onnx.export_text_onnx(model, folder / "student.onnx", max_length=MAX_LENGTH, pad_id=0,
                                            vocab_size=tokenizer.get_vocab_size(), metadata=meta)
     uri = f"sqlite:///{folder / 'mlflow.db'}"
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    try:
+    # set_tracking_uri also writes MLFLOW_TRACKING_URI; setting the old URI back after (as this fixture once did)
+    # left the variable at mlflow's default for the rest of the worker, where it outranked the next stage's
+    # tracking.uri (a later export logged to another store). The context puts the variable and mlflow's global back.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.setattr(tracking_utils, "_tracking_uri", tracking_utils._tracking_uri)
+        mlflow.set_tracking_uri(uri)
         experiment = mlflow.create_experiment("kdpipe", artifact_location=(folder / "mlartifacts").as_uri())
         entry = registrations.Registration(name=NAME, onnx_path=onnx_path, artifact_name="student",
                                            test_accuracy=0.5, dataset_digest="d1", val_accuracy=0.5)
         with mlflow.start_run(experiment_id=experiment):
             gate = registrations.register_onnx(entry, TEXTS[:2], tokenizer=tokenizer_path)
-    finally:
-        mlflow.set_tracking_uri(previous)
     assert gate["champion"] and gate["version"] == "1"
     return uri, folder, onnx_path, tokenizer_path
 

@@ -61,18 +61,16 @@ def write_textfile(path: Path, rows: list[tuple[str, str]], text_column: str = "
 
 def tiny_bert(folder: Path, rows: list[tuple[str, str]], hidden: int = 32, layers: int = 2) -> Path:
     """A BertForSequenceClassification (hidden 32, 2 layers, 2 heads) with a WordPiece tokenizer trained here on
-    `rows`, saved with save_pretrained: what a user's fine-tunable local model folder holds."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    `rows`, saved with save_pretrained: what a user's fine-tunable local model folder holds. The vocabulary comes
+    from kdpipe's own trainer (deterministic): tokenizers' WordPieceTrainer gives another one each run, so the
+    teacher, and whether a 2-epoch student learned anything, changed from run to run."""
+    from types import SimpleNamespace
+
     from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer, tok.pre_tokenizer = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece()
-    tok.train_from_iterator([t for t, _ in rows], trainers.WordPieceTrainer(vocab_size=300, special_tokens=specials,
-                                                                             show_progress=False))
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))])
+    from kdpipe.data import tokenize
+
+    tok = tokenize.train(SimpleNamespace(lowercase=True, vocab_size=300, tokenizer="wordpiece"), [t for t, _ in rows])
     fast = BertTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
                              sep_token="[SEP]", mask_token="[MASK]")
     config = BertConfig(vocab_size=tok.get_vocab_size(), hidden_size=hidden, num_hidden_layers=layers,
