@@ -72,6 +72,7 @@ SIDES = ("torchdistill_online", "torchdistill_ce", "seedloop_online",
 # One change each to kdpipe_online's default step (side `kdpipe_online+<lever>`, measured alone against it and
 # against torchdistill in the same round; `--sides ... kdpipe_online+fused` or `--levers`).
 LEVERS = {
+    "none": "the default step again: a control, whose ratio to kdpipe_online is the run's noise",
     "contiguous": "runtime.channels_last false: models and batches in NCHW",
     "no_fold": "the teacher's BatchNorms left unfolded",
     "inference_mode": "the teacher's forward under torch.inference_mode (its logits cloned out of it)",
@@ -80,7 +81,8 @@ LEVERS = {
     "fewer_copies": "crop + flip on the uint8 batch, then one float conversion, the result left in NHWC "
                     "(no NCHW copy for channels_last to undo)",
     "compile": "runtime.compile true: teacher and student torch.compile'd, inductor's cache in "
-               "bench/work/inductor-cache kept across rounds and runs (round 1 cold unless an earlier run filled it)",
+               "bench/work/inductor-cache ($TORCHINDUCTOR_CACHE_DIR where set) kept across rounds and runs (round 1 "
+               "cold unless an earlier run filled it)",
     "compile_teacher": "the teacher alone torch.compile'd with inductor's freezing (weights as constants), same cache",
 }
 LEVER_SIDES = tuple(f"kdpipe_online+{lever}" for lever in LEVERS)
@@ -136,13 +138,13 @@ class PilImages:
     does. A duck-typed map-style dataset (len + getitem: all DataLoader and torchdistill's wrapper use), so
     that this module imports no torch at import time."""
 
-    def __init__(self, x, y):
+    def __init__(self, x, y, augment: bool = True):
         from torchvision import transforms
 
         self.x_hwc = x.permute(0, 2, 3, 1).contiguous().numpy()  # (N, C, H, W) -> (N, H, W, C) for PIL
         self.y = y.tolist()
-        self.transform = transforms.Compose([transforms.RandomCrop(32, padding=CROP_PADDING),
-                                             transforms.RandomHorizontalFlip(), transforms.ToTensor()])
+        views = [transforms.RandomCrop(32, padding=CROP_PADDING), transforms.RandomHorizontalFlip()] if augment else []
+        self.transform = transforms.Compose([*views, transforms.ToTensor()])  # augment False: validation images
 
     def __len__(self) -> int:
         return len(self.y)
@@ -374,9 +376,10 @@ def kdpipe_objective(args, teacher, train, rt, facts: dict):
 
     weights = {"ce": ALPHA, "kd": 1 - ALPHA}
     dcfg = DistillConfig(method="kd", weights=weights, temperature=TEMPERATURE)
-    if args.side == "kdpipe_ce":
+    side = args.side.partition("+")[0]  # a lever's side is kdpipe_online's
+    if side == "kdpipe_ce":
         return Objective()
-    if args.side == "kdpipe_online":
+    if side == "kdpipe_online":
         return Objective(loss_fn=distill_loss(dcfg, teacher, weights=weights))
     from kdpipe.distill.views import label_views
 
@@ -445,7 +448,7 @@ def spawn(side: str, args) -> dict:
                  "--train-size", args.train_size, "--threads", args.threads, "--precision", args.precision,
                  "--json-out", out]
         env = {**profile_environ(args.cpu_profile), "KDPIPE_THREADS": str(args.threads),
-               "OMP_NUM_THREADS": str(args.threads), "TORCHINDUCTOR_CACHE_DIR": str(INDUCTOR_CACHE)}
+               "OMP_NUM_THREADS": str(args.threads), "TORCHINDUCTOR_CACHE_DIR": os.environ.get("TORCHINDUCTOR_CACHE_DIR", str(INDUCTOR_CACHE))}
         proc = subprocess.run([sys.executable, __file__, *map(str, flags)], cwd=REPO, env=env,
                               capture_output=True, text=True)
         if proc.returncode != 0:
