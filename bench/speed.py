@@ -20,6 +20,11 @@ threads. The sides:
                        the one-off labelling is timed apart (`labelling_seconds`), outside the steps
   kdpipe_ce            the same step with plain CE
 
+  kdpipe_online+LEVER  kdpipe_online with one change (LEVERS below: NCHW, the teacher unfolded, its forward under
+                       inference_mode, foreach or fused SGD, fewer host copies, torch.compile); `--levers` runs
+                       torchdistill_online, kdpipe_online and each named lever in the same rounds, and the result's
+                       `levers` block gives each against both (write it elsewhere than throughput.json: --out)
+
 kdpipe runs at the precision its runtime picks (`--precision auto`: bf16 autocast on a CPU with native bf16,
 else fp32) in channels_last; torchdistill and the seed loop run as their defaults do, fp32 and contiguous.
 `--precision fp32` measures kdpipe without the low precision. `--cpu-profile avx2` runs every side with torch's
@@ -46,6 +51,7 @@ optimizer.step, zero_grad), over the (x, y, supp_dict) batches of the box's trai
 
     python bench/speed.py             # bench/results/throughput.json and a markdown table; ~5 min on 2 cores
     python bench/speed.py --rounds 1 --steps 3 --warmup 1 --train-size 512 --views 2 --out /tmp/t.json
+    python bench/speed.py --rounds 3 --steps 20 --warmup 3 --levers contiguous fused --out bench/results/levers.json
 """
 
 from __future__ import annotations
