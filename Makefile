@@ -9,7 +9,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: venv run test test-fast ui serve lint bench-quality bench-curriculum bench-views bench-augment bench-methods bench-recipes bench-streaming bench-distributed bench-speed
+.PHONY: venv run test test-e2e test-fast ui serve lint bench-quality bench-curriculum bench-views bench-augment bench-methods bench-recipes bench-streaming bench-distributed bench-speed
 
 venv:
 	@want=$$(sha256sum pyproject.toml | cut -d' ' -f1); \
@@ -44,13 +44,20 @@ PROFILE_ENV = prof=$$(python -c "import sys; from kdpipe.run.kernels import PROF
   && echo "CPU profile $(CPU_PROFILE): $${prof:-no caps}" && env $$prof
 
 # Two pytest workers: tests train on one thread each, so the second worker uses the second core (tests/conftest.py
-# keeps a file's tests, and all tests on the shared DVC repo, on one worker).
+# keeps the tests that share a module fixture, and all tests on the shared DVC repo, on one worker).
+# test: everything but the end-to-end tier (e2e: through a Prefect server and workers, a schedule, an MLflow server,
+# torch.distributed ranks, racing pipelines, two CPU profiles); test-e2e: that tier; .ci/run runs both;
+# test-fast: neither e2e nor the other tests that run real stages (slow). docs/development.md lists the tiers.
 PYTEST_WORKERS ?= 2
+PYTEST = @$(PROFILE_ENV) python -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup
 test: venv
-	@$(PROFILE_ENV) python -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup
+	$(PYTEST) -m "not e2e"
+
+test-e2e: venv
+	$(PYTEST) -m e2e
 
 test-fast: venv
-	@$(PROFILE_ENV) python -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup -m "not slow"
+	$(PYTEST) -m "not slow and not e2e"
 
 # `kdpipe store` first: a checkout moved or copied since its runs were logged gets its artifact paths pointed here.
 ui: venv

@@ -156,6 +156,7 @@ TEACHER_OUTPUTS_CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", TEACHER_OUTPUTS_CASES)
 def test_distill_refuses_a_bad_teacher_outputs_cache(ws, capfd, case):
     damage, words = TEACHER_OUTPUTS_CASES[case]
@@ -315,6 +316,7 @@ sys.exit(prepare.main(["--params", sys.argv[1]]))
 """
 
 
+@pytest.mark.slow
 def test_a_full_disk_is_one_line_in_a_real_process_and_the_old_dataset_stays(ws):
     """prepare of a 6 MB dataset with files limited to 3 MB (the MLflow store stays below): exit 2, one line
     naming the file (the train images, the first too large), no traceback, the old dataset.pt, meta.json and

@@ -232,6 +232,7 @@ def signal_mid_run(ws, stage: str, signum: int, **overrides) -> tuple[int, list[
     ("distill", signal.SIGTERM, None),
     ("teacher", signal.SIGINT, "teacher: resumed at seed 0, epoch "),
 ], ids=["SIGTERM to distill", "SIGINT to teacher"])
+@pytest.mark.slow
 def test_a_signal_ends_a_stage_in_one_line_its_run_killed_its_resume_state_kept(ws, capfd, stage, signum,
                                                                                 resume_words):
     """What Prefect, a scheduler (SIGTERM) or Ctrl-C (SIGINT) does to a running stage: exit 128 + N, one line

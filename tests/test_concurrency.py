@@ -56,6 +56,7 @@ for stage in ("prepare", "teacher", "scratch", "distill", "evaluate", "export"):
 """
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_two_pipelines_create_and_share_one_new_store(tmp_path):
     """Two workspaces run the whole pipeline (all six stages, each stage's main() as DVC would call it, in one
@@ -114,6 +115,7 @@ for accuracy in accuracies:
 """
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 @pytest.mark.parametrize("lock", ["file", "lease"])
 def test_racing_exports_keep_every_version_and_crown_the_best(tmp_path, lock):
@@ -174,6 +176,7 @@ def test_a_lease_left_by_a_crashed_export_is_broken(tmp_path, monkeypatch):
 
 REFUSED = "kdpipe: another dvc command is running in this checkout (.dvc/tmp/lock); wait for it or stop it"
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_second_make_run_is_refused_in_one_line_and_the_first_completes(dvc_repo, tmp_path):
     """While `dvc repro --force prepare` runs its stage, the Makefile's `run` target (its `venv` prerequisite

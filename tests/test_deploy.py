@@ -65,6 +65,7 @@ def remotes(root: Path) -> dict[str, str]:
     return {key.split(".")[1]: url for key, _, url in pairs if key.startswith("remote.") and key.endswith(".url")}
 
 
+@pytest.mark.e2e
 def test_make_deploy_without_a_dvc_remote_adds_the_one_machine_default_and_says_so(tmp_path, monkeypatch):
     root = checkout(tmp_path)
     (root / "built.txt").write_text("an output\n")
@@ -198,6 +199,7 @@ def scheduled_runs(deployment_id) -> list:
     return sorted((r for r in runs if r.auto_scheduled), key=lambda r: r.expected_start_time)
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_make_deploy_on_a_fresh_clone_schedules_a_nightly_that_a_worker_completes(tmp_path):
     """Issue 33's acceptance: a fresh clone, a local Prefect server, `make deploy`, `make worker`, and a run its

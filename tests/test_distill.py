@@ -136,6 +136,7 @@ def test_curriculum_pool_grows_easy_to_hard():
     assert len(pool(1)) > 3 and len(pool(3)) == 10 and len(pool(5)) == 10
 
 
+@pytest.mark.slow
 def test_distill_with_curriculum_fitnet_two_phase_and_a_brought_teacher(done, tmp_path, monkeypatch):
     """A teacher brought as a checkpoint (no retraining) feeds distill and evaluate; FitNets' hint phase
     runs first; the curriculum's growing pools show in the curves."""

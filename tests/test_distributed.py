@@ -33,6 +33,7 @@ def _distill(tiny_pipeline, root, processes: int, env: dict | None = None) -> su
                           env=env or subprocess_env(), capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.e2e
 def test_two_ranks_train_one_student_with_one_run_and_one_set_of_outputs(tiny_pipeline, tmp_path):
     one = _distill(tiny_pipeline, tmp_path / "one", 1)
     (tmp_path / "tmp").mkdir()
@@ -51,6 +52,7 @@ def test_two_ranks_train_one_student_with_one_run_and_one_set_of_outputs(tiny_pi
     assert not list((tmp_path / "tmp").glob("kdpipe-distill-ranks-*"))  # the ranks' log folder is gone
 
 
+@pytest.mark.e2e
 def test_a_failing_rank_ends_every_rank_with_its_error(tiny_pipeline, tmp_path):
     """Rank 1 raises a user error as it starts training (injected through sitecustomize, which every rank's
     interpreter imports): both ranks end, the stage exits 2 with rank 1's message on one line, nothing written."""

@@ -38,6 +38,7 @@ def test_impossible_ensembles_are_one_line_errors(section, message):
         config.from_dict(section)
 
 
+@pytest.mark.slow
 def test_ensemble_of_two_teaches_distill_and_shows_in_the_report(tiny_pipeline, tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     params = tiny_pipeline.workspace(tmp_path, teacher__ensemble=2)

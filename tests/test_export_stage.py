@@ -219,6 +219,7 @@ def test_gate_moves_aliases_in_a_registry(tmp_path):
     assert new(0.50, digest="d2")["champion"]  # the data changed
 
 
+@pytest.mark.slow
 def test_stage_gate_end_to_end(done, tmp_path, monkeypatch):
     """Rerun the real stage against a fresh store: v1 takes champion; with v1's validation accuracy pretended perfect,
     v2 only becomes candidate; int8 off leaves no int8 file; registry off registers nothing."""
@@ -326,6 +327,7 @@ def parse(stdout: str) -> dict[str, list[tuple[str, float]]]:
     return out
 
 
+@pytest.mark.slow
 def test_predict_without_torch_from_a_file_and_from_the_registry(done, tmp_path):
     work, _, _ = done
     data = load_prepared(work / "data/prepared/dataset.pt")

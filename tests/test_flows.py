@@ -187,6 +187,7 @@ def mlflow_runs(root: Path, query: str) -> list:
 
 # ---------------------------------------------------------------- kd-pipeline
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_stage_graph_follows_dvc(repo):
     order, upstream = _dvc.stage_graph(repo, _dvc.environment())
@@ -196,6 +197,7 @@ def test_stage_graph_follows_dvc(repo):
         assert all(order.index(b) < order.index(stage) for b in before)
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_pipeline_runs_each_stage_as_a_task_and_pushes(repo, first_run):
     state = first_run
@@ -212,6 +214,7 @@ def test_pipeline_runs_each_stage_as_a_task_and_pushes(repo, first_run):
     assert "Running stage 'teacher':" in lines and any("teacher epoch 1/1" in line for line in lines), lines[-20:]
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_stage_runs_nest_under_one_mlflow_parent_run(built, first_run):
     repo = built
@@ -229,6 +232,7 @@ def test_stage_runs_nest_under_one_mlflow_parent_run(built, first_run):
     assert parent.info.run_name == run.name
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_second_run_reports_stages_up_to_date(built):
     repo = built
@@ -241,6 +245,7 @@ def test_second_run_reports_stages_up_to_date(built):
     assert _dvc.lock_digest(repo) == lock
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_cli_entry_point(built, prefect_api):
     repo = built
@@ -249,6 +254,7 @@ def test_cli_entry_point(built, prefect_api):
     assert out.stdout.splitlines() == ["prepare: up to date", "teacher: up to date"], out.stdout
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_fresh_clone_restores_from_the_remote_and_retrains_nothing(built, tmp_path):
     clone = tmp_path / "clone"
@@ -278,6 +284,7 @@ def test_fresh_clone_restores_from_the_remote_and_retrains_nothing(built, tmp_pa
     assert "Running stage" not in out and (plain / "models/teacher_outputs.pt").exists(), out
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_pull_without_a_remote_fails_before_any_work(built, tmp_path):
     clone = tmp_path / "clone"
@@ -288,6 +295,7 @@ def test_pull_without_a_remote_fails_before_any_work(built, tmp_path):
     assert task_runs(flow_run_id(state), timeout=2) == {}  # failed before the first task
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_failing_stage_fails_the_flow_with_its_name(built):
     repo = built
@@ -310,6 +318,7 @@ def test_failing_stage_fails_the_flow_with_its_name(built):
     assert parent.info.status == "FAILED"
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_overrides_run_as_one_recorded_experiment(built):
     repo = built
@@ -334,6 +343,7 @@ def test_overrides_run_as_one_recorded_experiment(built):
 
 # ---------------------------------------------------------------- kd-sweep
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_sweep_2x2_two_at_a_time_names_the_best_point_by_validation_accuracy(built):
     repo = built
@@ -357,6 +367,7 @@ def test_sweep_2x2_two_at_a_time_names_the_best_point_by_validation_accuracy(bui
     assert {r.info.run_name for r in stage_runs} == {"teacher"}  # run in --temp dirs, logged to the workspace store
 
 
+@pytest.mark.e2e
 def test_sweep_refuses_to_choose_on_test_metrics(prefect_api):
     state = kd_sweep(grid={"teacher.lr": [0.1]}, metric="test_accuracy", return_state=True)
     assert state.is_failed() and "validation" in state.message
@@ -452,6 +463,7 @@ def _logs(*dirs: Path) -> str:
     return "\n".join((d / "worker.log").read_text()[-2000:] for d in dirs if (d / "worker.log").exists())
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_nightly_deployment_with_pull_steps_runs_on_a_worker_elsewhere(built, bare, prefect_api, tmp_path):
     from prefect import get_client
@@ -492,6 +504,7 @@ def test_nightly_deployment_with_pull_steps_runs_on_a_worker_elsewhere(built, ba
     assert _kdpipe_imported_from() == (REPO / "kdpipe" / "__init__.py").resolve()
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_sweep_points_spread_over_two_workers_and_the_best_is_named(built, bare, prefect_api, tmp_path):
     from prefect import get_client
@@ -531,6 +544,7 @@ def test_sweep_points_spread_over_two_workers_and_the_best_is_named(built, bare,
     assert sorted(ref.rsplit("/", 1)[1] for ref in pushed.stdout.split()) == sorted(points)  # dvc exp push
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_sweep_across_workers_refuses_an_unknown_deployment_and_stops_waiting_at_its_timeout(built, bare, prefect_api,
                                                                                              tmp_path):

@@ -101,6 +101,7 @@ def _kill_when(proc, state_file, ready, timeout=120.0):
     return False
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["distill", "teacher"])
 def test_a_killed_stage_resumes_to_the_uninterrupted_result(stage, tiny_pipeline, tmp_path, capsys, monkeypatch):
     """SIGKILL mid-run (distill: inside seed 1, after seed 0 finished; teacher: after epoch 2), rerun: the same

@@ -19,7 +19,7 @@ import pytest
 from conftest import subprocess_env, write_params
 from test_registry_server import free_port, get, stop, wait_healthy
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 STAGES = ("prepare", "teacher", "scratch", "distill", "evaluate", "export")
 
 

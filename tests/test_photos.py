@@ -102,6 +102,7 @@ def six_stage_params(work, folder) -> dict:
     return params
 
 
+@pytest.mark.slow
 def test_a_photo_folder_runs_all_six_stages_and_predict_agrees_with_evaluate(photos, tmp_path, monkeypatch, capsys):
     from kdpipe import cli
     from kdpipe.models.checkpoint import load_trained

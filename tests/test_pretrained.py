@@ -38,6 +38,7 @@ def test_pretrained_weights_are_loaded_and_adapted(tmp_path, monkeypatch):
     assert model.mean.flatten().tolist() == pytest.approx([sum([0.485, 0.456, 0.406]) / 3])  # the weights' stats
 
 
+@pytest.mark.slow
 def test_a_torchvision_teacher_is_fine_tuned_and_feeds_distill(tiny_pipeline, tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)

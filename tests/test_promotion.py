@@ -118,6 +118,7 @@ def test_promotion_off_moves_candidate_only(tmp_path):
     assert {a: str(v) for a, v in c.get_registered_model("m").aliases.items()} == {"champion": "1", "candidate": "2"}
 
 
+@pytest.mark.slow
 def test_an_experiment_export_leaves_champion_where_it_was(tiny_pipeline, tmp_path, monkeypatch):
     """The real export stage three times on a copy of the tiny pipeline's outputs, in a fresh store: a plain run
     takes champion; the same export inside a `dvc exp run` (DVC's DVC_EXP_NAME) only takes candidate, saying why;

@@ -23,7 +23,7 @@ from kdpipe.models.zoo import build_model
 from kdpipe.ship import registrations
 from kdpipe.ship.onnx_export import export_onnx
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 NAME = "kdpipe-student"
 HEALTH_TIMEOUT_S = 60
 

@@ -94,6 +94,7 @@ def has_avx512() -> bool:
     return out.stdout.strip() == "AVX512"
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_reproducible_mode_is_the_same_with_and_without_avx512(tmp_path):
     if not has_avx512():

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime
+import pytest
 from conftest import subprocess_env
 from test_registry_server import free_port, wait_healthy
 
@@ -43,6 +44,7 @@ def stored_locations(db: Path) -> list[str]:
                 for (value,) in conn.execute(f"SELECT {column} FROM {table}") if value]
 
 
+@pytest.mark.slow
 def test_a_moved_checkout_serves_its_own_champion_with_onnxruntimes_logits(tiny_pipeline, tmp_path):
     original = tiny_pipeline.work
     moved = tmp_path / "moved"

@@ -211,6 +211,7 @@ def test_folding_the_teachers_batchnorm_keeps_its_logits():
     assert kd.fold_batchnorm(plain) is plain
 
 
+@pytest.mark.slow
 def test_a_stage_process_skips_teardown_but_not_its_output(workdir):
     """exit_now: the stage's exit code, its last words on stderr, its files and its KDPIPE_TIMING line survive."""
     import subprocess

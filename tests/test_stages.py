@@ -105,6 +105,7 @@ def test_missing_prepared_data_is_a_clear_error(workdir, capsys):
     assert "dataset.pt: not found; run the prepare stage first" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_stage_run_samples_system_metrics(workdir):
     """MLflow's sampler (CPU, memory; GPU when present) is switched on for every stage run."""
     import time

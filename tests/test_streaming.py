@@ -117,6 +117,7 @@ def test_streamed_training_is_the_in_memory_run(tmp_path, workers):
         assert torch.equal(p, q)
 
 
+@pytest.mark.slow
 def test_image_folder_through_teacher_and_distill_streamed(digits_folder, tiny_pipeline, tmp_path, monkeypatch,
                                                            capfd):
     """prepare → teacher → distill on an image folder with data.in_memory: false: the splits stay on disk
