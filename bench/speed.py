@@ -238,20 +238,25 @@ def torchdistill_step(box) -> Callable:
     return step
 
 
-def torchdistill_online(x, y, args) -> Callable:
-    import torch
-    from torchdistill.core.distillation import DistillationBox
-
-    teacher, student = build_models()
+def torchdistill_kd_config(**train_config) -> dict:
+    """The online-KD train config (torchdistill_config with its KDLoss on the models' outputs, the teacher frozen),
+    updated with `train_config` (bench/time_to_accuracy.py: epochs and a scheduler)."""
     logits = {"student_module_path": ".", "student_module_io": "output",
               "teacher_module_path": ".", "teacher_module_io": "output"}  # fmt: skip
     kd = {"key": "KDLoss", "kwargs": {**logits, "temperature": TEMPERATURE, "alpha": ALPHA,
                                       "reduction": "batchmean"}}
     models = {"teacher": {"forward_proc": "forward_batch_only", "requires_grad": False},
               "student": {"forward_proc": "forward_batch_only", "requires_grad": True}}
-    config = torchdistill_config({"kd": {"criterion": kd, "weight": 1.0}}, models)
+    return {**torchdistill_config({"kd": {"criterion": kd, "weight": 1.0}}, models), **train_config}
+
+
+def torchdistill_online(x, y, args) -> Callable:
+    import torch
+    from torchdistill.core.distillation import DistillationBox
+
+    teacher, student = build_models()
     data = {"train": PilImages(x, y)}
-    box = DistillationBox(teacher, student, data, config, torch.device("cpu"), None, False, 1)
+    box = DistillationBox(teacher, student, data, torchdistill_kd_config(), torch.device("cpu"), None, False, 1)
     return torchdistill_step(box)
 
 

@@ -123,16 +123,10 @@ def run_torchdistill(args, seed: int, teacher, data):
     tx, ty, vx, vy = data
     student, cfg = build_student(seed), recipe(args.epochs)
     n_batches = args.train_size // speed.BATCH
-    logits = {"student_module_path": ".", "student_module_io": "output",
-              "teacher_module_path": ".", "teacher_module_io": "output"}  # fmt: skip
-    kd = {"key": "KDLoss", "kwargs": {**logits, "temperature": speed.TEMPERATURE, "alpha": speed.ALPHA,
-                                      "reduction": "batchmean"}}
-    models = {"teacher": {"forward_proc": "forward_batch_only", "requires_grad": False},
-              "student": {"forward_proc": "forward_batch_only", "requires_grad": True}}
-    config = speed.torchdistill_config({"kd": {"criterion": kd, "weight": 1.0}}, models)
     # the schedule per step, kdpipe's factor at the same fractional epoch (LambdaLR's step count = steps done)
-    config.update(num_epochs=args.epochs, scheduler={"key": LambdaLR.__name__, "scheduling_step": 1, "kwargs": {
-        "lr_lambda": lambda step: lr_factor(step / n_batches, cfg)}})
+    scheduler = {"key": LambdaLR.__name__, "scheduling_step": 1,
+                 "kwargs": {"lr_lambda": lambda step: lr_factor(step / n_batches, cfg)}}
+    config = speed.torchdistill_kd_config(num_epochs=args.epochs, scheduler=scheduler)
     box = DistillationBox(teacher, student, {"train": speed.PilImages(tx, ty)}, config, torch.device("cpu"),
                           None, False, 1)
     val_loader = torch.utils.data.DataLoader(speed.PilImages(vx, vy, augment=False), batch_size=512)
