@@ -292,6 +292,29 @@ def test_mixup_and_cutmix_mix_the_labels_for_ce_and_the_teacher_sees_the_mixed_i
     torch.testing.assert_close(parts["ce"], per_image.mean())  # λ·CE(own label) + (1 − λ)·CE(partner's)
 
 
+@pytest.mark.parametrize("box_by_box", [True, False], ids=["cpu boxes", "masked (the GPU's)"])
+def test_mix_in_place_blends_mixup_rows_and_pastes_cutmix_boxes_exactly(monkeypatch, box_by_box):
+    """mix_ works in place on the batch; each row equals its definition, pixel for pixel: λ·x + (1 − λ)·partner
+    for a mixup row, x with the partner's pixels inside the box (and only there) for a cutmix row."""
+    gen = torch.Generator().manual_seed(7)
+    cfg = StudentConfig(**PHOTO)
+    x, partner = torch.rand(24, 3, 10, 14, generator=gen), torch.rand(24, 3, 10, 14, generator=gen)
+    d = photo_aug.draw(24, 10, 14, cfg, gen, flip=True)
+    cut = d.cut.long()
+    assert 0 < int((cut[:, 2] > 0).sum()) < 24  # both kinds of rows
+    if not box_by_box:  # the masked branch is the one a CUDA batch takes; run it on this CPU's batch
+        monkeypatch.setattr(photo_aug, "_pastes_box_by_box", lambda t: False)
+    out = photo_aug.mix_(x.clone(), partner, d.lam, d.cut)
+    for i in range(24):
+        top, left, h, w = cut[i].tolist()
+        if h == 0:
+            assert torch.equal(out[i], d.lam[i] * x[i] + (1 - d.lam[i]) * partner[i])
+            continue
+        expected = x[i].clone()
+        expected[:, top : top + h, left : left + w] = partner[i, :, top : top + h, left : left + w]
+        assert torch.equal(out[i], expected), i
+
+
 def test_cross_entropy_takes_soft_labels_and_keeps_the_hard_path():
     logits, y = torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 3, 4, 0])
     onehot = torch.nn.functional.one_hot(y, 5).to(torch.float32)

@@ -200,18 +200,30 @@ def _grey(x: Tensor) -> Tensor:
     return (r * GREY[0]).add_(g * GREY[1]).add_(b * GREY[2]).unsqueeze(1)
 
 
-def mix(x: Tensor, partner: Tensor, lam: Tensor, cut: Tensor) -> Tensor:
-    """Mixup λ·x + (1 − λ)·partner, or, where the cutmix box has a height, the partner pasted into it."""
-    n, _, h, w = x.shape
-    lam4 = lam.to(x.dtype)[:, None, None, None]  # (N, 1, 1, 1)
-    blended = lam4 * x + (1 - lam4) * partner
+def _pastes_box_by_box(x: Tensor) -> bool:
+    """Cutmix boxes pasted one slice at a time on the CPU; on a GPU a mask instead (.tolist() would sync)."""
+    return x.device.type == "cpu"
+
+
+def mix_(x: Tensor, partner: Tensor, lam: Tensor, cut: Tensor) -> Tensor:
+    """In place on x, and returned: mixup λ·x + (1 − λ)·partner, or, where the cutmix box has a height, the partner
+    pasted into it. In place because at 160 px a batch is 39 MB a copy: the out-of-place form (a blend, a paste and
+    a choice between them, each a new batch) cost 86 ms a batch of 128 here, more than the crops it mixes."""
+    _, _, h, w = x.shape
+    is_cut = cut[:, 2] > 0
+    lam4 = torch.where(is_cut, 1.0, lam.to(x.dtype))[:, None, None, None]  # (N, 1, 1, 1): cutmix rows stay x here
+    x.mul_(lam4).add_(partner * (1 - lam4))
+    if _pastes_box_by_box(x):  # only the boxes' pixels are touched
+        for i, (top, left, ch, cw) in enumerate(cut.tolist()):
+            if ch > 0:
+                x[i, :, top : top + ch, left : left + cw] = partner[i, :, top : top + ch, left : left + cw]
+        return x
     top, left, ch, cw = cut.long().unbind(-1)
     rows = torch.arange(h, device=x.device)[None, :]  # (1, H)
     cols = torch.arange(w, device=x.device)[None, :]
     inside = (((rows >= top[:, None]) & (rows < (top + ch)[:, None]))[:, :, None]
-              & ((cols >= left[:, None]) & (cols < (left + cw)[:, None]))[:, None, :])  # (N, H, W)
-    pasted = torch.where(inside[:, None], partner, x)
-    return torch.where((ch > 0)[:, None, None, None], pasted, blended)
+              & ((cols >= left[:, None]) & (cols < (left + cw)[:, None]))[:, None, :])  # (N, H, W), empty unless cut
+    return torch.where(inside[:, None], partner, x, out=x)
 
 
 def render(x: Tensor, partner_x: Tensor | None, d: PhotoDraw, jitter: bool = True) -> Tensor:
@@ -230,7 +242,7 @@ def render(x: Tensor, partner_x: Tensor | None, d: PhotoDraw, jitter: bool = Tru
     if partner_x is None:
         return out
     own, other = out.chunk(2)
-    return mix(own, other, d.lam, d.cut)
+    return mix_(own, other, d.lam, d.cut)  # own: a chunk of render's fresh output
 
 
 def mixed_targets(y: Tensor, y_partner: Tensor, lam: Tensor, num_classes: int) -> Tensor:
