@@ -99,6 +99,7 @@ bench-views: venv
 # students with resized_crop against pad_crop (augment_quality.json; trains the quality teacher if missing).
 bench-augment: venv
 	python bench/augment.py
+	python bench/photo_epoch.py
 	python bench/quality.py --augment
 
 bench-methods: venv
