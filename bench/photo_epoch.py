@@ -15,6 +15,8 @@ loss, batch order); only where the views' pixels come from differs:
                each view rendered image by image with torchvision.transforms.v2.functional (resized_crop with
                antialiasing, horizontal_flip, to_dtype, adjust_brightness/contrast/saturation; the partner likewise,
                then the mixup blend or cutmix paste), collated; the trainer steps on the collated float batch
+  kdpipe_ahead kdpipe's render of batch i + 1 in a background thread while the trainer steps on batch i
+  kdpipe_fp32  kdpipe's epoch with runtime.precision fp32 (against `auto`, which is bf16 on a CPU with native bf16)
 
 Both sides render the same draws; their first batches are compared (max |difference|). The photos are generated
 (smooth random colour fields, deterministic): 1,536 of 160 × 160, 10 classes, so an epoch is 12 steps of 128.
@@ -48,7 +50,7 @@ sys.path.insert(0, str(REPO))  # kdpipe from this checkout
 RESULTS = BENCH / "results" / "photo_epoch.json"
 QUICK_OUT = BENCH / "work" / "photo_epoch.json"
 RECIPE = BENCH / "recipes" / "photos.yaml"
-SIDES = ("kdpipe", "torchvision", "kdpipe_ahead")
+SIDES = ("kdpipe", "torchvision", "kdpipe_ahead", "kdpipe_fp32")
 CLASSES, SIZE, WORKERS, PREFETCH = 10, 160, 2, 4
 
 
@@ -143,8 +145,9 @@ class EpochRows:
         return -(-self.n // self.batch_size)
 
 
-def build(args):
-    """(trainer, train split, cached views, runtime): the views labelled, the student ready to step."""
+def build(args, precision: str | None = None):
+    """(trainer, train split, cached views, runtime): the views labelled, the student ready to step; `precision`
+    in place of args.precision (the kdpipe_fp32 side)."""
     import torch
 
     from kdpipe.data.batches import Split
@@ -156,7 +159,7 @@ def build(args):
     from kdpipe.train.objective import Objective
 
     student_cfg, distill_cfg = recipe()
-    rt = make_runtime(device="cpu", precision=args.precision)
+    rt = make_runtime(device="cpu", precision=precision or args.precision)
     images, labels = make_photos(args.images, SIZE)
     torch.manual_seed(0)
     teacher = rt.prepare(fold_batchnorm(freeze(build_model("tiny_cnn", 3, CLASSES))))
@@ -249,8 +252,8 @@ def run_side(side: str, args) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    trainer, train, views, rt = build(args)
-    if side == "kdpipe":
+    trainer, train, views, rt = build(args, "fp32" if side == "kdpipe_fp32" else None)
+    if side in ("kdpipe", "kdpipe_fp32"):
         pool = torch.arange(len(train))
 
         def epoch(e: int) -> float:
@@ -285,15 +288,18 @@ def spawn(what: list[str], args) -> dict:
 
 
 def summarise(rounds: list[dict]) -> dict:
+    """Each side's median epoch over rounds; against torchvision and against kdpipe (the peer's epoch ÷ this side's,
+    within each round) where those sides ran."""
     def med(side):
         return [statistics.median(r[side]["epoch_wall_s"]) for r in rounds]
 
     out = {side: {"epoch_wall_s_median": statistics.median(med(side)), "per_round": med(side)}
            for side in SIDES if side in rounds[0]}
     for side in out:
-        if side != "torchvision":
-            ratios = [t / k for t, k in zip(med("torchvision"), med(side), strict=True)]
-            out[side]["torchvision_over_this"] = {"median": statistics.median(ratios), "min": min(ratios),
+        for peer in ("torchvision", "kdpipe"):
+            if peer in out and side != peer and not (peer == "kdpipe" and side == "torchvision"):
+                ratios = [t / k for t, k in zip(med(peer), med(side), strict=True)]
+                out[side][f"{peer}_over_this"] = {"median": statistics.median(ratios), "min": min(ratios),
                                                   "max": max(ratios), "per_round": ratios}
     return out
 
@@ -310,20 +316,22 @@ def benchmark(args) -> dict:
 
     return {"work": {"recipe": str(RECIPE.relative_to(REPO)), "images": args.images, "size": SIZE,
                      "classes": CLASSES, "workers": WORKERS, "prefetch_factor": PREFETCH},
-            "settings": vars(args), "max_abs_diff_first_batch": diff, "summary": summarise(rounds),
+            "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "max_abs_diff_first_batch": diff, "summary": summarise(rounds),
             "rounds": rounds, "machine": {"cpu": platform.processor() or platform.machine(),
                                           "cpus": os.cpu_count(), "torch": torch.__version__, **versions()},
-            "reproduce": "python bench/photo_epoch.py" + (f" --cpu-profile {args.cpu_profile}"
-                                                          if args.cpu_profile != "native" else "")}
+            "reproduce": " ".join(["python bench/photo_epoch.py", *sys.argv[1:]])}
 
 
 def table(result: dict) -> str:
-    rows = ["| side | epoch seconds (median over rounds) | torchvision's epoch / this side's (min-max) |",
-            "|---|---:|---:|"]
+    rows = ["| side | epoch seconds (median over rounds) | torchvision's epoch / this side's | kdpipe's / this side's |",
+            "|---|---:|---:|---:|"]
+
+    def cell(r):
+        return f"{r['median']:.2f} ({r['min']:.2f}-{r['max']:.2f})" if r else ""
+
     for side, s in result["summary"].items():
-        r = s.get("torchvision_over_this")
-        rows.append(f"| {side} | {s['epoch_wall_s_median']:.2f} | "
-                    + (f"{r['median']:.2f} ({r['min']:.2f}-{r['max']:.2f})" if r else "") + " |")
+        rows.append(f"| {side} | {s['epoch_wall_s_median']:.2f} | {cell(s.get('torchvision_over_this'))} | "
+                    f"{cell(s.get('kdpipe_over_this'))} |")
     return "\n".join(rows) + f"\n\nfirst batch max |diff| {result['max_abs_diff_first_batch']:.2g}"
 
 
@@ -338,6 +346,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
     p.add_argument("--cpu-profile", default="native")
     p.add_argument("--quick", action="store_true", help="256 photos, 1 round, results into bench/work/")
+    p.add_argument("--out", type=Path, help=f"results file (default {RESULTS.relative_to(REPO)})")
     p.add_argument("--child", choices=(*SIDES, "compare"), help=argparse.SUPPRESS)
     return p.parse_args()
 
@@ -351,7 +360,7 @@ def main() -> int:
     if args.quick:
         args.images, args.rounds, args.epochs = 256, 1, 1
     result = benchmark(args)
-    out = QUICK_OUT if args.quick else RESULTS
+    out = QUICK_OUT if args.quick else args.out or RESULTS
     kept = json.loads(out.read_text()) if out.exists() else {}
     kept.setdefault("profiles", {})[args.cpu_profile] = result
     out.parent.mkdir(parents=True, exist_ok=True)
