@@ -197,6 +197,66 @@ def views_ablation() -> dict:
     return result
 
 
+MORE_SEEDS = (3, 4, 5)  # --views-more-seeds: student seeds beside views.json's 0, 1, 2
+MORE_SEEDS_K = 16  # the view count closest to live in views.json
+
+
+def views_more_seeds() -> dict:
+    """views.json's live and K = 16 sides again with student seeds MORE_SEEDS (same teacher, data, recipe and
+    views), then each paired comparison over all six seeds: the new runs' predictions beside views.json's (its
+    folders' predictions.npz). Scratch students of those seeds are trained first, only because evaluate shows them."""
+    import shutil
+
+    import numpy as np
+
+    from kdpipe.report.findings import load_predictions
+    from kdpipe.stages import distill, evaluate, scratch
+
+    seeds = {"seeds": list(MORE_SEEDS)}
+    tag = f"seeds{MORE_SEEDS[0]}-{MORE_SEEDS[-1]}"
+    labels = ("live", f"views{MORE_SEEDS_K}")
+    for label in labels:
+        if not (WORK / f"views_{label}" / "models" / "predictions.npz").is_file():
+            sys.exit(f"bench: run --views first (views_{label}'s predictions are missing)")
+    base = WORK / f"scratch_{tag}"
+    base_paths = {"models": str(base / "models"), "metrics": str(base / "metrics"), "plots": str(base / "plots"),
+                  "reports": str(base / "reports")}
+    if not (base / "models" / "scratch" / f"seed{MORE_SEEDS[-1]}.pt").is_file():
+        timed(f"scratch, {tag}", scratch.run, bench_config({"student": seeds, "paths": base_paths}))
+    result = {"dataset": "fashion_mnist", "student_augmentation": AUGMENTED, "seconds": {},
+              "non_inferior_above_points": NON_INFERIOR_POINTS, "seeds_added": list(MORE_SEEDS)}
+    predictions = {}
+    for label in labels:
+        out = WORK / f"views_{label}_{tag}"
+        (out / "models").mkdir(parents=True, exist_ok=True)
+        shutil.copy2(WORK / "models" / "teacher.pt", out / "models" / "teacher.pt")
+        shutil.copytree(base / "models" / "scratch", out / "models" / "scratch", dirs_exist_ok=True)
+        (out / "plots").mkdir(parents=True, exist_ok=True)
+        shutil.copy2(base / "plots" / "scratch.csv", out / "plots" / "scratch.csv")
+        paths = {"models": str(out / "models"), "metrics": str(out / "metrics"), "plots": str(out / "plots"),
+                 "reports": str(out / "reports")}
+        k = 0 if label == "live" else MORE_SEEDS_K
+        cfg = bench_config({"student": {**AUGMENTED, **seeds}, "distill": {"teacher_views": k}, "paths": paths})
+        _, result["seconds"][label] = timed(f"distill, {label}, {tag}", distill.run, cfg)
+        timed(f"evaluate, {label}, {tag}", evaluate.run, cfg)
+        metrics = json.loads((out / "metrics" / "distill.json").read_text())
+        result[label] = {**stats(metrics), "precision": metrics["precision"]}
+        new, old = load_predictions(out / "models" / "predictions.npz"), load_predictions(
+            WORK / f"views_{label}" / "models" / "predictions.npz")
+        assert (new["test_labels"] == old["test_labels"]).all()
+        predictions[label] = {"test_labels": new["test_labels"],
+                              "test_logits_distilled": np.concatenate([old["test_logits_distilled"],
+                                                                       new["test_logits_distilled"]]),
+                              "distilled_seeds": np.concatenate([old["distilled_seeds"], new["distilled_seeds"]])}
+        correct = (predictions[label]["test_logits_distilled"].argmax(-1) == new["test_labels"]).mean(1)
+        result[label]["six_seeds_test_accuracy"] = [round(100 * float(c), 2) for c in correct]
+    views = labels[1]
+    vs = paired_against(predictions[views], predictions["live"])
+    result[views]["minus_live_points_six_seeds"] = {**vs, "non_inferior": vs["low"] > NON_INFERIOR_POINTS}
+    result["machine"] = machine()
+    return result
+
+
 # Student recipes compared on validation (`--recipes`), each for scratch and the distilled student alike: with
 # and without the teacher's crop + flip (a live teacher labels the very view the student sees: consistent
 # teaching), 15 or 30 epochs. Early stopping is off in all: the best-val weights are restored anyway, and
@@ -352,6 +412,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--curriculum", action="store_true", help="run the curriculum ablation (after quality)")
     parser.add_argument("--views", action="store_true", help="run the cached-views ablation (after quality)")
+    parser.add_argument("--views-more-seeds", action="store_true",
+                        help="live and 16 views with seeds 3-5, compared over six seeds (after --views)")
     parser.add_argument("--methods", action="store_true", help="distill with every method (after quality)")
     parser.add_argument("--recipes", action="store_true", help="compare student recipes on val (after quality)")
     parser.add_argument("--augment", action="store_true", help="resized_crop vs pad_crop students (teacher first if absent)")
@@ -369,6 +431,8 @@ def main() -> int:
         out, name = curriculum_ablation(), "curriculum.json"
     elif args.views:
         out, name = views_ablation(), "views.json"
+    elif args.views_more_seeds:
+        out, name = views_more_seeds(), "views_six_seeds.json"
     elif args.methods:
         out, name = methods_table(), "methods.json"
     elif args.recipes:
