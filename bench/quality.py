@@ -4,7 +4,8 @@ Runs the real stage workers (prepare → teacher → scratch → distill → eva
 bench/quality.yaml, in bench/work/quality/, and writes bench/results/quality.json. With --curriculum it then
 reruns distill with the curriculum on (easy→hard, random, hard→easy) over the same teacher and seeds and
 writes bench/results/curriculum.json; with --views it distills augmented students from a live teacher and from
-the teacher's cached views (K = 1, 4, 8) and writes bench/results/views.json; with --methods it distills
+the teacher's cached views (K = 4, 8, 16) and writes bench/results/views.json (--views-more-seeds after it: live
+and K = 16 with seeds 3-5, compared over six seeds, bench/results/views_six_seeds.json); with --methods it distills
 with every method's preset and from an ensemble of 3 teachers and writes bench/results/methods.json; with
 --recipes it trains scratch and distilled students under four recipes (augmented or not, 15 or 30 epochs) and
 writes bench/results/recipes.json; with --augment it trains scratch and distilled students with the photo
