@@ -64,16 +64,25 @@ class PerSample(torch.utils.data.Dataset):
         return len(self.images)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        from torchvision.transforms.v2 import functional as TF
+        return torchvision_view(self.images[i], self.d.box[i], self.d.flipped[i], self.d.jitter[i])
 
-        img, size = self.images[i], list(self.images.shape[-2:])
-        top, left, h, w = self.d.box[i].tolist()
-        img = TF.resized_crop(img, top, left, h, w, size, antialias=True)
-        if self.d.flipped[i]:
-            img = TF.horizontal_flip(img)
-        img = TF.to_dtype(img, torch.float32, scale=True)  # colour on floats, as the batched side does
-        b, c, s = self.d.jitter[i].tolist()
-        return TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(img, b), c), s)
+
+def torchvision_view(img: torch.Tensor, box: torch.Tensor, flipped: torch.Tensor, jitter: torch.Tensor | None
+                     ) -> torch.Tensor:
+    """One uint8 image (C, H, W) as torchvision v2 renders one view's draws: resized_crop of `box` (top, left,
+    height, width; antialiased) back to H × W, the flip, float32, then brightness, contrast and saturation by the
+    factors `jitter` (3,) (None: no colour)."""
+    from torchvision.transforms.v2 import functional as TF
+
+    top, left, h, w = box.tolist()
+    img = TF.resized_crop(img, top, left, h, w, list(img.shape[-2:]), antialias=True)
+    if flipped:
+        img = TF.horizontal_flip(img)
+    img = TF.to_dtype(img, torch.float32, scale=True)  # colour on floats, as the batched side does
+    if jitter is None:
+        return img
+    b, c, s = jitter.tolist()
+    return TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(img, b), c), s)
 
 
 def timed(one_pass, n: int, rounds: int) -> float:

@@ -22,9 +22,9 @@ Both sides render the same draws; their first batches are compared (max |differe
 (smooth random colour fields, deterministic): 1,536 of 160 × 160, 10 classes, so an epoch is 12 steps of 128.
 Each (side, round) runs in its own process: imports, photos, models and the views' labelling before the clock,
 then `--warmup` untimed epochs and `--epochs` timed ones (wall time per epoch, and process CPU time: the loader's
-workers are other processes, so the torchvision side's CPU share is its main process's). Rounds alternate which
-side goes first; the ratio (torchvision epoch seconds / kdpipe epoch seconds) is taken within a round and
-reported as {median, min, max}. On a 2-core machine the DataLoader's workers share the cores with the training
+workers are other processes, so the torchvision side's CPU share is its main process's). The side order rotates
+each round; each side's ratios (torchvision's epoch seconds / its own, and kdpipe's / its own) are taken within a
+round and reported as {median, min, max}. On a 2-core machine the DataLoader's workers share the cores with the training
 step, as they would for a user training on that CPU.
 
     python bench/photo_epoch.py                       # native; bench/results/photo_epoch.json, a markdown table
@@ -89,18 +89,9 @@ class ViewsPerSample:
         return len(self.images) * self.views.k
 
     def render(self, img, d):
-        import torch
-        from torchvision.transforms.v2 import functional as TF
+        from augment import torchvision_view
 
-        top, left, h, w = (int(t) for t in d.box)
-        img = TF.resized_crop(img, top, left, h, w, list(img.shape[-2:]), antialias=True)
-        if bool(d.flipped):
-            img = TF.horizontal_flip(img)
-        img = TF.to_dtype(img, torch.float32, scale=True)
-        if self.views.jitters:
-            b, c, s = d.jitter.tolist()
-            img = TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(img, b), c), s)
-        return img
+        return torchvision_view(img, d.box, d.flipped, d.jitter if self.views.jitters else None)
 
     def __getitem__(self, r: int):
         import torch
@@ -175,31 +166,43 @@ def build(args, precision: str | None = None):
     return trainer, train, views, rt
 
 
+def prerendered(trainer):
+    """The trainer set to step on batches rendered elsewhere (its augment the identity); returns its own augment."""
+    render = trainer.augment
+    trainer.augment = lambda x, rows, y, gen: (x, rows, y)
+    return render
+
+
+def stepping(trainer, batches, n_batches: int, e: int) -> float:
+    """Epoch e of the trainer over rendered (rows, x, y) batches, as train_epoch steps (lr per step from
+    lr_factor); the summed loss, one host sync per epoch as there."""
+    import torch
+
+    from kdpipe.train.engine import lr_factor
+
+    cfg = trainer.cfg
+    for m in trainer.modules:
+        m.train()
+    total = torch.zeros(())
+    for i, (rows, x, y) in enumerate(batches):
+        _, _, parts = trainer.step(rows, x, y, cfg.lr * lr_factor(e + i / n_batches, cfg))
+        total += parts["loss"].detach().float()
+    return float(total)
+
+
 def torchvision_epoch(trainer, train, views):
     """An epoch function stepping the trainer on batches a 2-worker DataLoader renders (ViewsPerSample)."""
     import math
 
     import torch
 
-    from kdpipe.train.engine import lr_factor
-
     dataset = ViewsPerSample(train.x, train.y, views)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=EpochRows(len(train), views.k, trainer.cfg.batch_size,
                                                                           trainer.shuffle_gen, trainer.aug_gen),
                                          num_workers=WORKERS, persistent_workers=True, prefetch_factor=PREFETCH)
-    trainer.augment = lambda x, rows, y, gen: (x, rows, y)  # the loader rendered the views already
-    cfg = trainer.cfg
-
-    def epoch(e: int) -> float:
-        for m in trainer.modules:
-            m.train()
-        total, steps = torch.zeros(()), math.ceil(len(train) / cfg.batch_size)
-        for i, (rows, x, y) in enumerate(loader):
-            _, _, parts = trainer.step(rows, x, y, cfg.lr * lr_factor(e + i / steps, cfg))
-            total += parts["loss"].detach().float()
-        return float(total)  # one host sync per epoch, as train_epoch
-
-    return epoch, loader
+    prerendered(trainer)  # the loader renders the views
+    n_batches = math.ceil(len(train) / trainer.cfg.batch_size)
+    return (lambda e: stepping(trainer, loader, n_batches, e)), loader
 
 
 def ahead_epoch(trainer, train):
@@ -209,26 +212,24 @@ def ahead_epoch(trainer, train):
 
     import torch
 
-    from kdpipe.train.engine import _batches, lr_factor
+    from kdpipe.train.engine import _batches
 
-    render, cfg, ex = trainer.augment, trainer.cfg, ThreadPoolExecutor(1)
-    trainer.augment = lambda x, rows, y, gen: (x, rows, y)
+    render, ex = prerendered(trainer), ThreadPoolExecutor(1)
 
     def submit(idx):
         return ex.submit(render, train.x[idx], idx, train.y[idx], trainer.aug_gen)
 
-    def epoch(e: int) -> float:
-        for m in trainer.modules:
-            m.train()
-        batches = list(_batches(torch.arange(len(train)), cfg.batch_size, trainer.shuffle_gen))
-        total, ahead = torch.zeros(()), submit(batches[0])
+    def rendered(batches):
+        ahead = submit(batches[0])
         for i in range(len(batches)):
             x, rows, y = ahead.result()
             if i + 1 < len(batches):
                 ahead = submit(batches[i + 1])
-            _, _, parts = trainer.step(rows, x, y, cfg.lr * lr_factor(e + i / len(batches), cfg))
-            total += parts["loss"].detach().float()
-        return float(total)
+            yield rows, x, y
+
+    def epoch(e: int) -> float:
+        batches = list(_batches(torch.arange(len(train)), trainer.cfg.batch_size, trainer.shuffle_gen))
+        return stepping(trainer, rendered(batches), len(batches), e)
 
     return epoch
 
@@ -316,7 +317,8 @@ def benchmark(args) -> dict:
 
     return {"work": {"recipe": str(RECIPE.relative_to(REPO)), "images": args.images, "size": SIZE,
                      "classes": CLASSES, "workers": WORKERS, "prefetch_factor": PREFETCH},
-            "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "max_abs_diff_first_batch": diff, "summary": summarise(rounds),
+            "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "max_abs_diff_first_batch": diff, "summary": summarise(rounds),
             "rounds": rounds, "machine": {"cpu": platform.processor() or platform.machine(),
                                           "cpus": os.cpu_count(), "torch": torch.__version__, **versions()},
             "reproduce": " ".join(["python bench/photo_epoch.py", *sys.argv[1:]])}

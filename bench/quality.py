@@ -159,13 +159,29 @@ VIEW_COUNTS = (4, 8, 16)
 NON_INFERIOR_POINTS = -0.3  # views are as good as live when their interval's lower bound is above this
 
 
+def folder_paths(out: Path) -> dict:
+    """paths overrides putting a run's models, metrics, plots and reports under `out`."""
+    return {name: str(out / name) for name in ("models", "metrics", "plots", "reports")}
+
+
+def distill_folder(out: Path, scratch_from: Path) -> dict:
+    """folder_paths(out) for a distill + evaluate run on quality()'s teacher, with the scratch students (and their
+    curves) of the run in `scratch_from` copied in for evaluate to show."""
+    import shutil
+
+    (out / "models").mkdir(parents=True, exist_ok=True)
+    shutil.copy2(WORK / "models" / "teacher.pt", out / "models" / "teacher.pt")
+    shutil.copytree(scratch_from / "models" / "scratch", out / "models" / "scratch", dirs_exist_ok=True)
+    (out / "plots").mkdir(parents=True, exist_ok=True)
+    shutil.copy2(scratch_from / "plots" / "scratch.csv", out / "plots" / "scratch.csv")
+    return folder_paths(out)
+
+
 def views_ablation() -> dict:
     """Distill with the student augmented (crop + flip): a live teacher on every batch, then the teacher's
     cached views (FKD) with K = 4, 8, 16 views per image; the teacher and seeds of quality(). Each side is then
     evaluated (its predictions.npz), and each views side compared with live on the same 10,000 test images,
     seed paired with seed: non-inferior when the interval's lower bound is above NON_INFERIOR_POINTS."""
-    import shutil
-
     from kdpipe.report.findings import load_predictions
     from kdpipe.stages import distill, evaluate
 
@@ -177,13 +193,7 @@ def views_ablation() -> dict:
     for k in (0, *VIEW_COUNTS):
         label = f"views{k}" if k else "live"
         out = WORK / f"views_{label}"
-        (out / "models").mkdir(parents=True, exist_ok=True)
-        shutil.copy2(WORK / "models" / "teacher.pt", out / "models" / "teacher.pt")
-        shutil.copytree(WORK / "models" / "scratch", out / "models" / "scratch", dirs_exist_ok=True)  # evaluate's
-        (out / "plots").mkdir(parents=True, exist_ok=True)
-        shutil.copy2(WORK / "plots" / "scratch.csv", out / "plots" / "scratch.csv")
-        paths = {"models": str(out / "models"), "metrics": str(out / "metrics"), "plots": str(out / "plots"),
-                 "reports": str(out / "reports")}
+        paths = distill_folder(out, WORK)
         cfg = bench_config({"student": AUGMENTED, "distill": {"teacher_views": k}, "paths": paths})
         _, result["seconds"][label] = timed(f"distill, {label}", distill.run, cfg)
         timed(f"evaluate, {label}", evaluate.run, cfg)
@@ -206,7 +216,6 @@ def views_more_seeds() -> dict:
     """views.json's live and K = 16 sides again with student seeds MORE_SEEDS (same teacher, data, recipe and
     views), then each paired comparison over all six seeds: the new runs' predictions beside views.json's (its
     folders' predictions.npz). Scratch students of those seeds are trained first, only because evaluate shows them."""
-    import shutil
 
     import numpy as np
 
@@ -220,22 +229,14 @@ def views_more_seeds() -> dict:
         if not (WORK / f"views_{label}" / "models" / "predictions.npz").is_file():
             sys.exit(f"bench: run --views first (views_{label}'s predictions are missing)")
     base = WORK / f"scratch_{tag}"
-    base_paths = {"models": str(base / "models"), "metrics": str(base / "metrics"), "plots": str(base / "plots"),
-                  "reports": str(base / "reports")}
     if not (base / "models" / "scratch" / f"seed{MORE_SEEDS[-1]}.pt").is_file():
-        timed(f"scratch, {tag}", scratch.run, bench_config({"student": seeds, "paths": base_paths}))
+        timed(f"scratch, {tag}", scratch.run, bench_config({"student": seeds, "paths": folder_paths(base)}))
     result = {"dataset": "fashion_mnist", "student_augmentation": AUGMENTED, "seconds": {},
               "non_inferior_above_points": NON_INFERIOR_POINTS, "seeds_added": list(MORE_SEEDS)}
     predictions = {}
     for label in labels:
         out = WORK / f"views_{label}_{tag}"
-        (out / "models").mkdir(parents=True, exist_ok=True)
-        shutil.copy2(WORK / "models" / "teacher.pt", out / "models" / "teacher.pt")
-        shutil.copytree(base / "models" / "scratch", out / "models" / "scratch", dirs_exist_ok=True)
-        (out / "plots").mkdir(parents=True, exist_ok=True)
-        shutil.copy2(base / "plots" / "scratch.csv", out / "plots" / "scratch.csv")
-        paths = {"models": str(out / "models"), "metrics": str(out / "metrics"), "plots": str(out / "plots"),
-                 "reports": str(out / "reports")}
+        paths = distill_folder(out, base)
         k = 0 if label == "live" else MORE_SEEDS_K
         cfg = bench_config({"student": {**AUGMENTED, **seeds}, "distill": {"teacher_views": k}, "paths": paths})
         _, result["seconds"][label] = timed(f"distill, {label}, {tag}", distill.run, cfg)
